@@ -1,0 +1,18 @@
+"""Install the `deqlab` package from `lib/` (``pip install -e .``)."""
+from setuptools import find_packages, setup
+
+subpackages = [f"deqlab.{name}" for name in find_packages("lib")]
+
+setup(
+    name="deqlab",
+    version="0.1.0",
+    description="Deep Equilibrium Models and Multiscale DEQs: solvers, implicit gradients, training.",
+    python_requires=">=3.10",
+    package_dir={"deqlab": "lib"},
+    packages=["deqlab", *subpackages],
+    install_requires=open("requirements.txt").read().split(),
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2"],
+        "bench": ["torchdeq==0.1.0"],
+    },
+)
