@@ -1,0 +1,169 @@
+"""The DEQ layer: find z* = f(z*) with a solver, then attach a gradient without storing the solve.
+
+Forward. Given a cell f (closing over the input x and the parameters), a quasi-Newton solver finds the
+equilibrium z* = f(z*) under ``torch.no_grad()``: the forward costs one solve and no activation memory.
+
+Backward (``grad="ift"``). Differentiating z* = f(z*, θ) gives dz*/dθ = (I − J)^{-1} ∂f/∂θ with
+J = ∂f/∂z at z*. For a loss L the vector-Jacobian form is the *adjoint equation*
+
+    g = g J + dL/dz*,        dL/dθ = g ∂f/∂θ,
+
+a linear fixed-point problem in g that the backward solver solves with one vector-Jacobian product per
+step, on a graph of a single application of f at z*. Memory stays that of one f, whatever the number of
+forward or backward steps. Implementation: the layer returns f(z*) computed with autograd from a detached
+z* and registers a hook on it that replaces the incoming gradient dL/dz* by the solution g.
+
+Phantom gradient (``grad="phantom"``, Geng et al., NeurIPS 2021). From z*, take k damped steps
+z ← τ f(z) + (1 − τ) z under autograd and backprop through them. It approximates (I − J)^{-1} by a truncated,
+damped Neumann series: cheap (k VJPs, no solve), memory grows with k, and it acts as a regulariser. k = 1,
+τ = 1 is the Jacobian-free gradient (Fung et al., 2022). Use it when the backward solve is expensive or the
+forward solve is rough (few steps), where the IFT gradient is inexact anyway.
+
+Unrolled (``grad="unrolled"``). Backprop through every step of the forward solver: exact for what was
+computed, memory grows with the number of steps. The ALL_UNROLLED baseline of Ramzi et al. (2023).
+
+Fixed depth (``fixed_depth=N``). No solver: f applied N times from z0 under autograd. MDEQ uses it to
+pretrain the cell before switching to the equilibrium.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from deqlab.regularizers import jacobian_frobenius_loss
+from deqlab.solvers import get_solver
+
+States = Tensor | Sequence[Tensor]
+GRAD_MODES = ("ift", "phantom", "unrolled")
+
+
+def pack(states: States) -> tuple[Tensor, list[torch.Size] | None]:
+    """Flatten a tensor or list of (B, ...) tensors into one (B, N) tensor; return it and the shapes."""
+    if isinstance(states, Tensor):
+        return states.reshape(states.shape[0], -1), None
+    shapes = [s.shape for s in states]
+    return torch.cat([s.reshape(s.shape[0], -1) for s in states], dim=1), shapes
+
+
+def unpack(flat: Tensor, shapes: list[torch.Size] | None, like: Tensor | None = None) -> States:
+    """Inverse of :func:`pack`; a single-tensor state comes back with the shape of ``like``."""
+    if shapes is None:
+        return flat.reshape(like.shape) if like is not None else flat
+    sizes = [s[1:].numel() for s in shapes]
+    return [chunk.reshape(shape) for chunk, shape in zip(flat.split(sizes, dim=1), shapes)]
+
+
+class DEQ(nn.Module):
+    """Solve for z* = f(z*) and differentiate through it (see the module docstring for the modes).
+
+    ``z_star, info = deq(f, z0)``: ``f`` maps a state (tensor or list of tensors, batch first) to one of the
+    same structure; ``z0`` is the initial state (warm start welcome). ``info["fwd"]`` holds the forward
+    solver's stats; ``info["bwd"]`` is filled in by the backward solve when ``grad="ift"``.
+    """
+
+    def __init__(
+        self,
+        f_solver: str = "broyden",
+        b_solver: str = "broyden",
+        f_max_iter: int = 30,
+        b_max_iter: int = 40,
+        f_tol: float = 1e-3,
+        b_tol: float = 1e-6,
+        stop_mode: str = "rel",
+        grad: str = "ift",
+        phantom_steps: int = 5,
+        phantom_tau: float = 0.5,
+        f_solver_options: dict[str, Any] | None = None,
+        b_solver_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if grad not in GRAD_MODES:
+            raise ValueError(f"unknown DEQ gradient mode {grad!r}; expected one of {', '.join(GRAD_MODES)}")
+        if stop_mode not in ("abs", "rel"):
+            raise ValueError(f"unknown stop_mode {stop_mode!r}; expected 'abs' or 'rel'")
+        if grad == "phantom" and (phantom_steps < 1 or not 0.0 < phantom_tau <= 1.0):
+            raise ValueError(f"phantom gradient needs phantom_steps >= 1 and 0 < phantom_tau <= 1, "
+                             f"got {phantom_steps} and {phantom_tau}")
+        self.f_solver, self.b_solver = get_solver(f_solver), get_solver(b_solver)
+        self.f_solver_name, self.b_solver_name = f_solver, b_solver
+        self.f_max_iter, self.b_max_iter = f_max_iter, b_max_iter
+        self.f_tol, self.b_tol = f_tol, b_tol
+        self.stop_mode, self.grad = stop_mode, grad
+        self.phantom_steps, self.phantom_tau = phantom_steps, phantom_tau
+        self.f_solver_options = dict(f_solver_options or {})
+        self.b_solver_options = dict(b_solver_options or {})
+
+    def extra_repr(self) -> str:
+        return (f"f_solver={self.f_solver_name}, b_solver={self.b_solver_name}, f_max_iter={self.f_max_iter}, "
+                f"b_max_iter={self.b_max_iter}, stop_mode={self.stop_mode}, grad={self.grad}")
+
+    def forward(
+        self,
+        f: Callable[[States], States],
+        z0: States,
+        *,
+        f_max_iter: int | None = None,
+        fixed_depth: int | None = None,
+        compute_jac_loss: bool = False,
+    ) -> tuple[States, dict[str, Any]]:
+        """Return ``(z_star, info)``; ``fixed_depth=N`` applies f N times instead of solving."""
+        like = z0 if isinstance(z0, Tensor) else None
+        z0_flat, shapes = pack(z0)
+        dtype = z0_flat.dtype
+
+        def f_flat(z: Tensor) -> Tensor:
+            # The solver state stays in z0's dtype (fp32) even when f runs under autocast.
+            return pack(f(unpack(z, shapes, like)))[0].to(dtype)
+
+        info: dict[str, Any] = {"fwd": None, "bwd": {}, "jac_loss": None}
+        graph = None  # (f(z*), z*) with autograd, when the ift gradient built it
+        if fixed_depth is not None:
+            z = z0_flat
+            for _ in range(fixed_depth):
+                z = f_flat(z)
+            out = z
+        elif self.grad == "unrolled" and torch.is_grad_enabled():
+            out, info["fwd"] = self._solve(f_flat, z0_flat, f_max_iter)
+        else:
+            with torch.no_grad():
+                z_star, info["fwd"] = self._solve(f_flat, z0_flat.detach(), f_max_iter)
+            out = z_star
+            if torch.is_grad_enabled():
+                out, graph = self._attach_gradient(f_flat, z_star, info)
+        if compute_jac_loss and torch.is_grad_enabled():
+            if graph is None:
+                z_in = out.detach().requires_grad_()
+                graph = (f_flat(z_in), z_in)
+            info["jac_loss"] = jacobian_frobenius_loss(*graph)
+        return unpack(out, shapes, like), info
+
+    def _solve(self, f_flat: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int | None):
+        return self.f_solver(f_flat, z0, max_iter=max_iter or self.f_max_iter, tol=self.f_tol,
+                             stop_mode=self.stop_mode, **self.f_solver_options)
+
+    def _attach_gradient(self, f_flat: Callable[[Tensor], Tensor], z_star: Tensor,
+                         info: dict) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Return the differentiable output and, for ift, the one-step graph (f(z*), z*)."""
+        if self.grad == "phantom":
+            z = z_star
+            for _ in range(self.phantom_steps):
+                z = self.phantom_tau * f_flat(z) + (1.0 - self.phantom_tau) * z
+            return z, None
+        # ift: f(z*) with autograd from a detached z*; the hook swaps dL/dz* for the adjoint solution g.
+        z_in = z_star.detach().requires_grad_()
+        fz = f_flat(z_in)
+
+        def adjoint_hook(grad: Tensor) -> Tensor:
+            def vjp_step(g: Tensor) -> Tensor:
+                return torch.autograd.grad(fz, z_in, g, retain_graph=True)[0] + grad
+
+            g, stats = self.b_solver(vjp_step, torch.zeros_like(grad), max_iter=self.b_max_iter,
+                                     tol=self.b_tol, stop_mode=self.stop_mode, **self.b_solver_options)
+            info["bwd"].update(stats)
+            return g
+
+        if fz.requires_grad:
+            fz.register_hook(adjoint_hook)
+        return fz, (fz, z_in)

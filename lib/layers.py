@@ -1,0 +1,83 @@
+"""Layers whose per-forward state is shared by every solver step: weight norm and variational dropout.
+
+A DEQ applies its cell f tens of times per forward pass. Two pieces of f must not change between those
+applications, and should not be recomputed for each:
+
+- :class:`WeightNormConv2d` stores ``weight_g`` (out, 1, 1, 1) and ``weight_v`` like locuslab/mdeq
+  (weight = v · g / ||v||, norm over all dims but 0) and recomputes ``weight`` once per forward pass.
+- :class:`VariationalDropout2d` draws one (B, C, 1, 1) mask per forward pass and applies it at every
+  pixel and every solver step, so the cell is the same function throughout the solve.
+
+Call :func:`reset_per_forward` on the model at the start of each forward pass.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class WeightNormConv2d(nn.Conv2d):
+    """Conv2d with weight normalisation; the normalised weight is cached until the next reset."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        weight = self.weight.detach()
+        del self.weight  # replaced by weight_g / weight_v (original names, no `weight` in the state_dict)
+        self.weight_g = nn.Parameter(weight.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1))
+        self.weight_v = nn.Parameter(weight.clone())
+        self._weight: Tensor | None = None
+
+    def compute_weight(self) -> Tensor:
+        return self.weight_v * (self.weight_g / self.weight_v.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1))
+
+    def reset_per_forward(self) -> None:
+        # Computed with the caller's grad mode, so a training forward keeps the graph to g and v.
+        self._weight = self.compute_weight()
+
+    @property
+    def weight(self) -> Tensor:  # type: ignore[override]
+        return self._weight if self._weight is not None else self.compute_weight()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.weight, self.bias)
+
+
+class VariationalDropout2d(nn.Module):
+    """Dropout with one mask per (sample, channel), fixed for a whole forward pass (train mode only)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {p}")
+        self.p = p
+        self.mask: Tensor | None = None
+
+    def reset_per_forward(self) -> None:
+        self.mask = None  # drawn lazily from the first input's shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.mask is None or self.mask.shape[:2] != x.shape[:2]:
+            keep = torch.empty(x.shape[0], x.shape[1], 1, 1, device=x.device, dtype=x.dtype).bernoulli_(1 - self.p)
+            self.mask = keep / (1 - self.p)
+        return x * self.mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def reset_per_forward(module: nn.Module) -> None:
+    """Recompute weight-normalised weights and clear dropout masks in every submodule."""
+    for m in module.modules():
+        if isinstance(m, (WeightNormConv2d, VariationalDropout2d)):
+            m.reset_per_forward()
+
+
+def conv3x3(in_ch: int, out_ch: int, stride: int = 1, bias: bool = False, wnorm: bool = False) -> nn.Conv2d:
+    """3x3 convolution with padding 1, weight-normalised when ``wnorm``."""
+    cls = WeightNormConv2d if wnorm else nn.Conv2d
+    return cls(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=bias)
+
+
+__all__ = ["WeightNormConv2d", "VariationalDropout2d", "reset_per_forward", "conv3x3"]

@@ -1,0 +1,230 @@
+"""The multiscale equilibrium cell of MDEQ (Bai et al., NeurIPS 2020) and the backbone around it.
+
+The cell f(z; x) acts on a list of states, one per resolution (branch i has NUM_CHANNELS[i] channels at
+1/2^i of the stem's resolution):
+
+1. per branch, residual blocks: z_i ↦ GN(relu(GN(drop(conv(relu(GN(conv(z_i))))) + x_i) + z_i)), where the
+   input injection x_i is the stem output for branch 0 and zero elsewhere;
+2. multiscale fusion: branch i receives the sum of every branch j, downsampled by i − j strided 3x3 convs
+   (j < i) or upsampled by a 1x1 conv and nearest interpolation (j > i), then relu → 1x1 conv → GN.
+
+Module and parameter names follow locuslab/mdeq, so its released state_dicts load unchanged (the frozen
+``fullstage_copy`` and the ``deq.func*`` aliases of the original are not kept; the loader drops them).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from deqlab.deq import DEQ, pack, unpack
+from deqlab.layers import VariationalDropout2d, WeightNormConv2d, conv3x3, reset_per_forward
+from deqlab.regularizers import spectral_radius
+
+BN_MOMENTUM = 0.1
+
+
+class BasicBlock(nn.Module):
+    """Residual block with an expanded hidden width; the injection enters before the second norm."""
+
+    def __init__(self, channels: int, expansion: int, num_groups: int, dropout: float, wnorm: bool,
+                 gn_affine: bool = True) -> None:
+        super().__init__()
+        hidden = expansion * channels
+        self.conv1 = conv3x3(channels, hidden, wnorm=wnorm)
+        self.gn1 = nn.GroupNorm(num_groups, hidden, affine=gn_affine)
+        self.conv2 = conv3x3(hidden, channels, wnorm=wnorm)
+        self.gn2 = nn.GroupNorm(num_groups, channels, affine=gn_affine)
+        self.gn3 = nn.GroupNorm(num_groups, channels, affine=gn_affine)
+        self.relu = nn.ReLU()
+        self.drop = VariationalDropout2d(dropout)
+
+    def forward(self, x: Tensor, injection: Tensor | None = None) -> Tensor:
+        out = self.relu(self.gn1(self.conv1(x)))
+        out = self.drop(self.conv2(out))
+        if injection is not None:
+            out = out + injection
+        out = self.gn2(out) + x
+        return self.gn3(self.relu(out))
+
+
+class BranchNet(nn.Module):
+    """The residual blocks of one resolution; the injection goes into the first block only."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor, injection: Tensor | None = None) -> Tensor:
+        x = self.blocks[0](x, injection)
+        for block in self.blocks[1:]:
+            x = block(x)
+        return x
+
+
+def _conv_gn(in_ch: int, out_ch: int, groups: int, affine: bool, kernel: int, stride: int) -> list:
+    return [("conv", nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False)),
+            ("gnorm", nn.GroupNorm(groups, out_ch, affine=affine))]
+
+
+class DownsampleModule(nn.Module):
+    """Branch j → i (j < i): i − j stride-2 3x3 convs; all but the last keep j's width and end in a relu."""
+
+    def __init__(self, channels: list[int], src: int, dst: int, num_groups: int, affine: bool) -> None:
+        super().__init__()
+        steps = []
+        for k in range(dst - src):
+            last = k == dst - src - 1
+            layers = _conv_gn(channels[src], channels[dst] if last else channels[src], num_groups, affine, 3, 2)
+            if not last:
+                layers.append(("relu", nn.ReLU()))
+            steps.append(nn.Sequential(OrderedDict(layers)))
+        self.net = nn.Sequential(*steps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class UpsampleModule(nn.Module):
+    """Branch j → i (j > i): 1x1 conv, GroupNorm, nearest upsampling by 2^(j − i)."""
+
+    def __init__(self, channels: list[int], src: int, dst: int, num_groups: int, affine: bool) -> None:
+        super().__init__()
+        layers = _conv_gn(channels[src], channels[dst], num_groups, affine, 1, 1)
+        layers.append(("upsample", nn.Upsample(scale_factor=2 ** (src - dst), mode="nearest")))
+        self.net = nn.Sequential(OrderedDict(layers))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class MDEQModule(nn.Module):
+    """The cell f: per-resolution residual blocks, then multiscale fusion (see the module docstring)."""
+
+    def __init__(self, channels: list[int], num_blocks: list[int], expansion: int, num_groups: int,
+                 dropout: float, wnorm: bool, block_gn_affine: bool = True, fuse_gn_affine: bool = True,
+                 post_gn_affine: bool = True) -> None:
+        super().__init__()
+        n = len(channels)
+        self.num_branches = n
+        self.branches = nn.ModuleList(
+            BranchNet([BasicBlock(channels[i], expansion, num_groups, dropout, wnorm, block_gn_affine)
+                       for _ in range(num_blocks[i])])
+            for i in range(n))
+        self.fuse_layers = nn.ModuleList(
+            nn.ModuleList(None if i == j else
+                          (UpsampleModule if j > i else DownsampleModule)(channels, j, i, num_groups, fuse_gn_affine)
+                          for j in range(n))
+            for i in range(n)) if n > 1 else None
+        post_conv = WeightNormConv2d if wnorm else nn.Conv2d
+        self.post_fuse_layers = nn.ModuleList(
+            nn.Sequential(OrderedDict([
+                ("relu", nn.ReLU()),
+                ("conv", post_conv(channels[i], channels[i], kernel_size=1, bias=False)),
+                ("gnorm", nn.GroupNorm(num_groups // 2, channels[i], affine=post_gn_affine))]))
+            for i in range(n))
+
+    def forward(self, z: list[Tensor], injection: list[Tensor | None]) -> list[Tensor]:
+        blocks = [branch(z_i, x_i) for branch, z_i, x_i in zip(self.branches, z, injection)]
+        if self.fuse_layers is None:
+            return blocks
+        fused = []
+        for i in range(self.num_branches):
+            y = blocks[i]
+            for j in range(self.num_branches):
+                if j != i:
+                    y = y + self.fuse_layers[i][j](blocks[j])
+            fused.append(self.post_fuse_layers[i](y))
+        return fused
+
+
+def _stem(in_channels: int, width: int, downsample_times: int) -> nn.Sequential:
+    """Two 3x3 conv-BN-ReLU (stride 2 for the first ``downsample_times``), more stride-2 ones past two."""
+    layers: list[tuple[str, nn.Module]] = []
+    for k in range(max(2, downsample_times)):
+        stride = 2 if k < downsample_times else 1
+        conv = conv3x3(in_channels if k == 0 else width, width, stride=stride)
+        bn, relu = nn.BatchNorm2d(width, momentum=BN_MOMENTUM), nn.ReLU()
+        # The first two keep nn.Sequential's numeric names (0..5); locuslab/deq names the extra ones DS<k>.
+        names = [str(3 * k), str(3 * k + 1), str(3 * k + 2)] if k < 2 else [f"DS{k + 1}", f"DS{k + 1}-BN",
+                                                                             f"DS{k + 1}-RELU"]
+        layers += list(zip(names, (conv, bn, relu)))
+    return nn.Sequential(OrderedDict(layers))
+
+
+class MDEQBackbone(nn.Module):
+    """Stem, injection and the equilibrium cell; returns the equilibrium states, finest first."""
+
+    def __init__(self, cfg: Any, in_channels: int = 3) -> None:
+        super().__init__()
+        m, stage = cfg.MODEL, cfg.MODEL.EXTRA.FULL_STAGE
+        self.num_channels = list(stage.NUM_CHANNELS)
+        self.num_layers = m.NUM_LAYERS
+        self.pretrain_steps = cfg.TRAIN.PRETRAIN_STEPS
+        self.all_unrolled = cfg.TRAIN.ALL_UNROLLED
+        self.spectral_radius_mode = cfg.DEQ.SPECTRAL_RADIUS_MODE
+        width = self.num_channels[0]
+        self.downsample = _stem(in_channels, width, m.DOWNSAMPLE_TIMES)
+        # The original reuses the stem as the injection when it is shallow enough; else a 1x1 conv-BN-ReLU.
+        self.stage0 = None if (m.DOWNSAMPLE_TIMES == 0 and stage.NUM_BRANCHES <= 2) else nn.Sequential(
+            nn.Conv2d(width, width, kernel_size=1, bias=False), nn.BatchNorm2d(width, momentum=BN_MOMENTUM),
+            nn.ReLU())
+        self.fullstage = MDEQModule(self.num_channels, list(stage.NUM_BLOCKS), m.EXPANSION_FACTOR, m.NUM_GROUPS,
+                                    m.DROPOUT, m.WNORM, m.BLOCK_GN_AFFINE, m.FUSE_GN_AFFINE, m.POST_GN_AFFINE)
+        d = cfg.DEQ
+        self.deq = DEQ(f_solver=d.F_SOLVER, b_solver=d.B_SOLVER, f_max_iter=d.F_THRES, b_max_iter=d.B_THRES,
+                       f_tol=d.F_EPS, b_tol=d.B_EPS, stop_mode=d.STOP_MODE, grad=d.GRAD,
+                       phantom_steps=d.PHANTOM_STEPS, phantom_tau=d.PHANTOM_TAU)
+
+    def init_weights(self) -> None:
+        """The original's init: convs N(0, 0.01), BatchNorm affine (1, 0); weight norm g = ||v||."""
+        for mod in self.modules():
+            if isinstance(mod, WeightNormConv2d):
+                nn.init.normal_(mod.weight_v, 0, 0.01)
+                with torch.no_grad():
+                    mod.weight_g.copy_(mod.weight_v.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1))
+            elif isinstance(mod, nn.Conv2d):
+                nn.init.normal_(mod.weight, 0, 0.01)
+                if mod.bias is not None:
+                    nn.init.normal_(mod.bias, 0, 0.01)
+            elif isinstance(mod, nn.BatchNorm2d) and mod.affine:
+                nn.init.ones_(mod.weight)
+                nn.init.zeros_(mod.bias)
+
+    def cell_inputs(self, x: Tensor) -> tuple[list[Tensor | None], list[Tensor]]:
+        """Stem + injection: the injection list (branch 0 only) and zero initial states for every branch."""
+        x = self.downsample(x)
+        x0 = self.stage0(x) if self.stage0 is not None else x
+        b, _, h, w = x0.shape
+        z0 = [torch.zeros_like(x0)]
+        for c in self.num_channels[1:]:
+            h, w = h // 2, w // 2
+            z0.append(x0.new_zeros(b, c, h, w))
+        return [x0] + [None] * (len(z0) - 1), z0
+
+    def forward(self, x: Tensor, train_step: int = -1, compute_jac_loss: bool = False,
+                f_thres: int | None = None) -> tuple[list[Tensor], dict[str, Any]]:
+        reset_per_forward(self.fullstage)  # weight norm once per forward, one dropout mask per forward
+        injection, z0 = self.cell_inputs(x)
+
+        def f(z: list[Tensor]) -> list[Tensor]:
+            return self.fullstage(z, injection)
+
+        # Like the original, train_step in [0, PRETRAIN_STEPS) selects the unrolled forward in any mode.
+        unrolled = self.all_unrolled or 0 <= train_step < self.pretrain_steps
+        z, info = self.deq(f, z0, f_max_iter=f_thres, fixed_depth=self.num_layers if unrolled else None,
+                           compute_jac_loss=compute_jac_loss and self.training)
+        info["unrolled"] = unrolled
+        info["sradius"] = None
+        if self.spectral_radius_mode and not self.training:
+            info["sradius"] = self._spectral_radius(f, z)
+        return z, info
+
+    def _spectral_radius(self, f: Callable[[list[Tensor]], list[Tensor]], z: list[Tensor]) -> Tensor:
+        with torch.enable_grad():
+            flat, shapes = pack([t.detach() for t in z])
+            flat.requires_grad_()
+            fz, _ = pack(f(unpack(flat, shapes)))
+            return spectral_radius(fz, flat)
