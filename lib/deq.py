@@ -155,7 +155,10 @@ class DEQ(nn.Module):
         z_in = z_star.detach().requires_grad_()
         fz = f_flat(z_in)
 
-        def adjoint_hook(grad: Tensor) -> Tensor:
+        def adjoint_hook(grad: Tensor | None) -> Tensor | None:
+            if grad is None:  # no gradient reached z*: nothing to solve
+                return None
+
             def vjp_step(g: Tensor) -> Tensor:
                 return torch.autograd.grad(fz, z_in, g, retain_graph=True)[0] + grad
 
@@ -164,6 +167,10 @@ class DEQ(nn.Module):
             info["bwd"].update(stats)
             return g
 
-        if fz.requires_grad:
-            fz.register_hook(adjoint_hook)
-        return fz, (fz, z_in)
+        if not fz.requires_grad:
+            return fz, (fz, z_in)
+        # The hook goes on a view of f(z*), not on f(z*) itself: the VJPs inside it differentiate f(z*), and
+        # a hook there would fire again on each of them.
+        out = fz.view_as(fz)
+        out.register_hook(adjoint_hook)
+        return out, (fz, z_in)

@@ -58,7 +58,8 @@ def test_a_cell_with_variational_dropout_still_converges():
     torch.manual_seed(0)
     drop = VariationalDropout2d(0.3).train()
     w = torch.randn(6, 6) * 0.1
-    x = torch.randn(4, 6, 1, 1)
+    x = torch.randn(4, 6, 1, 1, dtype=torch.float64)
+    w = w.double()
     f = lambda z: torch.tanh(drop(torch.einsum("ij,bjhw->bihw", w, z)) + x)  # noqa: E731
     _, info = DEQ(f_solver="fixed_point", f_max_iter=100, f_tol=1e-10, stop_mode="abs")(f, torch.zeros_like(x))
     assert info["fwd"]["abs_lowest"].max() < 1e-10

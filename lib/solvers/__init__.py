@@ -1,0 +1,36 @@
+"""Fixed-point solvers for z = f(z): pure functions ``z, stats = solver(f, z0, max_iter, tol, stop_mode, **opts)``.
+
+``f`` maps a batched tensor (B, ...) to one of the same shape; residuals and stopping are per sample, and each
+solver returns the per-sample lowest-residual iterate with ``stats`` (see ``deqlab.solvers.common``).
+Solvers are found by name: ``get_solver("anderson")``; ``register_solver(name, fn)`` adds one.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from deqlab.solvers.anderson import anderson
+from deqlab.solvers.broyden import broyden
+from deqlab.solvers.fixed_point import fixed_point
+
+SOLVERS: dict[str, Callable] = {}
+
+
+def register_solver(name: str, fn: Callable | None = None):
+    """Register ``fn`` under ``name``; usable as ``register_solver(name, fn)`` or as a decorator."""
+    def add(func: Callable) -> Callable:
+        SOLVERS[name] = func
+        return func
+    return add(fn) if fn is not None else add
+
+
+def get_solver(name: str) -> Callable:
+    """The solver registered as ``name``; an unknown name lists the known ones."""
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; known solvers: {', '.join(sorted(SOLVERS))}")
+    return SOLVERS[name]
+
+
+for _fn in (broyden, anderson, fixed_point):
+    register_solver(_fn.__name__, _fn)
+
+__all__ = ["get_solver", "register_solver", "broyden", "anderson", "fixed_point", "SOLVERS"]

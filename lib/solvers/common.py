@@ -1,0 +1,127 @@
+"""Bookkeeping shared by every solver: per-sample residuals, the best iterate, traces and the stop test.
+
+Residuals are per sample: abs = ||f(z) − z||₂ and rel = abs / (||f(z)||₂ + EPS). A solve stops when every
+sample is under ``tol`` in ``stop_mode``, when f produces a non-finite value, or after ``max_iter`` f
+evaluations. Each f evaluation measures the residual of the iterate it was applied to, so the solver returns,
+per sample, the *iterate* (not its image) with the lowest residual seen.
+
+Host syncs: one per step (the stop test, which also reads the non-finite flag). Traces stay on the device
+until the end. Under ``torch.no_grad()`` buffers are updated in place; with grad enabled (the ``unrolled``
+gradient mode) every update is out of place so autograd can backprop through the whole solve.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+EPS = 1e-8  # keeps rel finite when f(z) = 0
+STOP_MODES = ("abs", "rel")
+Cell = Callable[[Tensor], Tensor]
+
+
+def flatten_cell(f: Cell, z0: Tensor) -> tuple[Cell, Tensor]:
+    """View f and z0 on (B, N) tensors whatever the trailing shape of z0."""
+    shape = z0.shape
+    return (lambda z: f(z.reshape(shape)).reshape(shape[0], -1)), z0.reshape(shape[0], -1)
+
+
+def check_args(max_iter: int, tol: float, stop_mode: str) -> None:
+    if stop_mode not in STOP_MODES:
+        raise ValueError(f"unknown stop_mode {stop_mode!r}; expected one of {', '.join(STOP_MODES)}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+
+
+def select(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """Rows of ``new`` where ``mask`` (B,), else rows of ``old``; in place on ``old`` under no_grad."""
+    mask = mask.reshape(-1, *([1] * (new.dim() - 1)))
+    if torch.is_grad_enabled():  # old may be saved for backward (or be the caller's z0): never overwrite it
+        return torch.where(mask, new, old)
+    return torch.where(mask, new, old, out=old)
+
+
+class Tracker:
+    """Tracks residuals of a batched solve; ``update`` returns True when the solve should stop."""
+
+    def __init__(self, z0: Tensor, tol: float, stop_mode: str) -> None:
+        check_args(1, tol, stop_mode)
+        self.tol, self.stop_mode = tol, stop_mode
+        b = z0.shape[0]
+        self.best_z = z0.detach().clone() if not torch.is_grad_enabled() else z0
+        self.best_abs = z0.new_full((b,), float("inf"), dtype=torch.float32 if z0.dtype == torch.float16 else None)
+        self.best_rel = torch.full_like(self.best_abs, float("inf"))
+        self.abs_trace: list[Tensor] = []
+        self.rel_trace: list[Tensor] = []
+        self.nstep = 0
+        self.nonfinite = False
+        self.converged = False
+
+    def update(self, z: Tensor, fz: Tensor, residual: Tensor | None = None) -> bool:
+        """Record iterate ``z``, its image ``fz`` (and ``fz − z`` if already computed).
+
+        Returns True when every sample is under tol or f produced a non-finite value.
+        """
+        self.nstep += 1
+        with torch.no_grad():
+            residual = fz - z if residual is None else residual
+            abs_res = residual.norm(dim=1).to(self.best_abs.dtype)
+            rel_res = abs_res / (fz.norm(dim=1).to(self.best_abs.dtype) + EPS)
+            res = rel_res if self.stop_mode == "rel" else abs_res
+            best = self.best_rel if self.stop_mode == "rel" else self.best_abs
+            better = res < best  # False for NaN, so a non-finite iterate never becomes the best
+            self.best_abs = torch.where(better, abs_res, self.best_abs)
+            self.best_rel = torch.where(better, rel_res, self.best_rel)
+            self.abs_trace.append(abs_res.max())
+            self.rel_trace.append(rel_res.max())
+            flags = torch.stack([torch.isfinite(abs_res).all(), (res < self.tol).all()])
+        self.best_z = select(better, z, self.best_z)
+        finite, done = flags.tolist()  # the one host sync per step
+        self.nonfinite = not finite
+        self.converged = done
+        return done or not finite
+
+    def result(self, shape: torch.Size) -> tuple[Tensor, dict[str, Any]]:
+        stats = {
+            "nstep": self.nstep,
+            "abs_lowest": self.best_abs,
+            "rel_lowest": self.best_rel,
+            "abs_trace": torch.stack(self.abs_trace).cpu(),
+            "rel_trace": torch.stack(self.rel_trace).cpu(),
+            "nonfinite": self.nonfinite,
+            "converged": self.converged,
+            "stop_mode": self.stop_mode,
+            "tol": self.tol,
+        }
+        return self.best_z.reshape(shape), stats
+
+
+class History:
+    """The last ``size`` rows of a (B, ·, N) history: a ring buffer under no_grad, a list with grad enabled."""
+
+    def __init__(self, like: Tensor, size: int) -> None:
+        self.size = size
+        self.count = 0  # rows written so far
+        self.tracked = torch.is_grad_enabled()
+        self.rows: list[Tensor] = []
+        self.buffer = None if self.tracked else like.new_empty(like.shape[0], size, like.shape[1])
+
+    def append(self, row: Tensor) -> int:
+        """Add a (B, N) row, dropping the oldest once full; return the slot it went to."""
+        slot = self.count % self.size
+        if self.tracked:  # rebind the list entry: nothing autograd saved is modified in place
+            self.rows = self.rows[:slot] + [row] + self.rows[slot + 1:]
+        else:
+            self.buffer[:, slot] = row
+        self.count += 1
+        return slot
+
+    def __len__(self) -> int:
+        return min(self.count, self.size)
+
+    def stacked(self) -> Tensor:
+        """(B, len, N) tensor of the rows held, in slot (ring) order."""
+        return torch.stack(self.rows, dim=1) if self.tracked else self.buffer[:, : len(self)]
