@@ -52,13 +52,13 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):
+        if "Weights only load failed" in str(err) and "Unsupported global" in str(err):
             raise CheckpointError(
                 f"checkpoint {path} holds Python objects that weights-only loading refuses; if you trust the "
                 f"file, load it with deqlab.checkpoint.load_legacy_pickle") from None
         raise CheckpointError(f"checkpoint {path} is not a readable checkpoint (corrupt or truncated?): "
                               f"{' '.join(str(err).split())[:200]}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # the unpickler fails in many ways on a damaged file
         raise CheckpointError(f"checkpoint {path} is not a readable checkpoint (corrupt or truncated?): "
                               f"{' '.join(str(err).split())[:200]}") from None
 
