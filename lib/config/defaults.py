@@ -32,6 +32,7 @@ _C.MODEL.NAME = "mdeq"         # registry name: "mdeq" (classifier)
 _C.MODEL.PRETRAINED = ""       # partial transfer: load matching tensors, drop the classifier
 _C.MODEL.NUM_LAYERS = 5        # unrolled depth used during pretraining (f applied NUM_LAYERS times)
 _C.MODEL.NUM_CLASSES = 1000
+_C.MODEL.IN_CHANNELS = 3      # ours: image channels (1 for Fashion-MNIST)
 _C.MODEL.NUM_GROUPS = 4        # GroupNorm groups inside residual blocks and fusion
 _C.MODEL.DROPOUT = 0.0         # variational dropout rate inside the residual blocks
 _C.MODEL.WNORM = True          # weight-normalise the block convs and post-fusion convs

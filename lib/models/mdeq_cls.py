@@ -45,7 +45,7 @@ class MDEQClassifier(MDEQBackbone):
     """``logits, info = model(x, train_step=-1, compute_jac_loss=False, f_thres=None)``."""
 
     def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
+        super().__init__(cfg, in_channels=cfg.MODEL.IN_CHANNELS)
         stage = cfg.MODEL.EXTRA.FULL_STAGE
         head = list(stage.HEAD_CHANNELS)
         wide = [c * Bottleneck.expansion for c in head]
