@@ -22,29 +22,68 @@ from deqlab.solvers.common import History, Tracker, check_args, flatten_cell
 
 
 def _mixing_weights(gram: Tensor, lam: float) -> Tensor:
-    """α (B, n) minimising αᵀ(G Gᵀ + λ'I)α subject to Σα = 1, λ' = λ·tr(G Gᵀ)/n."""
-    b, n, _ = gram.shape
+    """α (B, n) minimising αᵀ(G Gᵀ + λ'I)α subject to Σα = 1, λ' = λ·tr(G Gᵀ)/n.
+
+    A = G Gᵀ + λ'I is symmetric positive definite, so the bordered system's solution is α = A⁻¹1 / (1ᵀA⁻¹1):
+    one n×n solve per sample instead of the (n+1)×(n+1) bordered one, and fewer small ops per step.
+    """
+    n = gram.shape[-1]
     # The floor keeps the system solvable for a sample whose residuals are exactly zero (a zero gradient
     # in the backward pass, say): its weights then come out uniform, and every iterate is its fixed point.
-    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-280)
+    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-280) * max(lam, 1e-12)
     eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
-    system = gram.new_zeros(b, n + 1, n + 1)
-    system[:, 0, 1:] = 1
-    system[:, 1:, 0] = 1
-    system = system + torch.nn.functional.pad(gram + (max(lam, 1e-12) * scale)[:, None, None] * eye, (1, 0, 1, 0))
-    rhs = gram.new_zeros(b, n + 1, 1)
-    rhs[:, 0] = 1
-    return torch.linalg.solve(system, rhs)[:, 1:, 0]
+    y = torch.linalg.solve(gram + scale[:, None, None] * eye,
+                           gram.new_ones(gram.shape[0], n, 1))
+    return (y / y.sum(dim=1, keepdim=True)).squeeze(2)
 
 
 def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol: float = 1e-3,
              stop_mode: str = "rel", m: int = 5, beta: float = 1.0, lam: float = 1e-4) -> tuple[Tensor, dict[str, Any]]:
-    """Solve z = f(z) by Anderson acceleration with window ``m`` and damping ``beta``. Returns ``(z, stats)``."""
+    """Solve z = f(z) by Anderson acceleration with window ``m`` and damping ``beta``. Returns ``(z, stats)``.
+
+    Defaults: m = 5 (more history costs 2 passes over the state per extra row and rarely saves steps on
+    contractive DEQ cells), β = 1 (undamped), λ = 1e-4 (relative to the Gram matrix's mean diagonal).
+    """
     check_args(max_iter, tol, stop_mode)
     if m < 1 or not 0.0 < beta <= 1.0 or lam < 0:
         raise ValueError(f"anderson needs m >= 1, 0 < beta <= 1 and lam >= 0; got m={m}, beta={beta}, lam={lam}")
     f, x = flatten_cell(f, z0)
     tracker = Tracker(x, tol, stop_mode)
+    if torch.is_grad_enabled():
+        return _anderson_tracked(f, x, tracker, max_iter, m, beta, lam, z0.shape)
+    # In place. Rings are slot-major, (m, B, N): a slot is one contiguous (B, N) block, written without a copy
+    # by ``out=``, and (B, n, N) views of them are plain strided batched matrices for bmm. F holds f(xᵢ),
+    # G holds gᵢ = f(xᵢ) − xᵢ; the new iterate is Σ αᵢ fᵢ − (1 − β) Σ αᵢ gᵢ = Σ αᵢ (xᵢ + β gᵢ).
+    # The Gram matrix G Gᵀ is kept in float64 and updated by one row/column per step (one pass over G)
+    # instead of being recomputed (n passes). Mixing weights are solved in float64: the Gram matrix squares
+    # the residuals, so float32 would lose them when they are small.
+    b, n_state = x.shape
+    m = min(m, max_iter)
+    fs, gs = x.new_empty(m, b, n_state), x.new_empty(m, b, n_state)
+    gram = torch.zeros(b, m, m, dtype=torch.float64, device=x.device)
+    x_next = torch.empty_like(x)
+    for k in range(max_iter):
+        slot, n = k % m, min(k + 1, m)
+        fx = f(x)
+        g = torch.sub(fx, x, out=gs[slot])
+        if tracker.update(x, fx, g):
+            break
+        fs[slot].copy_(fx)
+        g_hist = gs[:n].transpose(0, 1)  # (B, n, N)
+        row = torch.bmm(g.unsqueeze(1), g_hist.transpose(1, 2)).squeeze(1).double()  # gᵀ gⱼ, (B, n)
+        gram[:, slot, :n] = row
+        gram[:, :n, slot] = row
+        alpha = _mixing_weights(gram[:, :n, :n], lam).to(x.dtype).unsqueeze(1)  # (B, 1, n)
+        x = x_next
+        torch.bmm(alpha, fs[:n].transpose(0, 1), out=x.unsqueeze(1))
+        if beta != 1.0:
+            x.unsqueeze(1).baddbmm_(alpha, g_hist, alpha=beta - 1.0)
+    return tracker.result(z0.shape)
+
+
+def _anderson_tracked(f: Callable[[Tensor], Tensor], x: Tensor, tracker: Tracker, max_iter: int, m: int,
+                      beta: float, lam: float, shape: torch.Size) -> tuple[Tensor, dict[str, Any]]:
+    """The grad-enabled path: every update out of place (histories as lists), so autograd sees the whole solve."""
     xs, gs = History(x, m), History(x, m)
     for _ in range(max_iter):
         fx = f(x)
@@ -53,9 +92,8 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol:
             break
         xs.append(x)
         gs.append(g)
-        # Solve in float64: the Gram matrix squares the residuals, so float32 loses them when they are small.
         G = gs.stacked()
         gram = torch.bmm(G, G.transpose(1, 2)).double()
         alpha = _mixing_weights(gram, lam).to(x.dtype).unsqueeze(1)  # (B, 1, n)
         x = torch.bmm(alpha, xs.stacked()).squeeze(1) + beta * torch.bmm(alpha, G).squeeze(1)
-    return tracker.result(z0.shape)
+    return tracker.result(shape)

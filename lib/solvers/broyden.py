@@ -55,11 +55,53 @@ def broyden(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol: 
         raise ValueError(f"broyden memory must be >= 1, got {memory}")
     f, z = flatten_cell(f, z0)
     tracker = Tracker(z, tol, stop_mode)
-    inv_jac = _InverseJacobian(z, min(memory, max_iter))
     fz = f(z)
     g = fz - z
-    if tracker.update(z, fz, g):
+    if tracker.update(z, fz, g) or max_iter == 1:
         return tracker.result(z0.shape)
+    if torch.is_grad_enabled():
+        return _broyden_tracked(f, z, g, tracker, max_iter, memory, z0.shape)
+    # In place, with the algebra arranged so a step costs one H·x and one xᵀ·H (2k passes each over the
+    # k stored pairs) rather than three. With w = H g⁺ (old H, new residual) and Δz = −H g:
+    #   H Δg = w + Δz,  so  u = (Δz − H Δg)/(Δzᵀ H Δg) = −w / (Δzᵀ(w + Δz)),  vᵀ = Δzᵀ H,
+    #   and the next step −H⁺ g⁺ = −w − u (vᵀ g⁺) = w (vᵀg⁺ / d − 1), d = Δzᵀ(w + Δz): no further H·x.
+    # Pairs live in slot-major rings (memory, B, N) so (B, k, N) views feed bmm without copies.
+    b, n_state = z.shape
+    mem = min(memory, max_iter - 1)
+    us, vs = z.new_empty(mem, b, n_state), z.new_empty(mem, b, n_state)
+    z_buf, w, vt, tmp = (torch.empty_like(z) for _ in range(4))
+    dz = g.clone()  # H₀ = −I: the first step is a fixed-point step
+    g = torch.empty_like(z)
+    for k in range(max_iter - 1):
+        z = torch.add(z, dz, out=z_buf)
+        fz = f(z)
+        torch.sub(fz, z, out=g)
+        if tracker.update(z, fz, g):
+            break
+        n, slot = min(k, mem), k % mem
+        if n:
+            u_hist, v_hist = us[:n].transpose(0, 1), vs[:n].transpose(0, 1)  # (B, n, N)
+            torch.bmm(torch.bmm(g.unsqueeze(1), v_hist.transpose(1, 2)), u_hist, out=w.unsqueeze(1))
+            w.sub_(g)  # w = H g = −g + Σ uᵢ (vᵢ·g)
+            torch.bmm(torch.bmm(dz.unsqueeze(1), u_hist.transpose(1, 2)), v_hist, out=vt.unsqueeze(1))
+            vt.sub_(dz)  # vᵀ = Δzᵀ H = −Δz + Σ vᵢ (uᵢ·Δz)
+        else:
+            torch.neg(g, out=w)
+            torch.neg(dz, out=vt)
+        denom = torch.linalg.vecdot(dz, torch.add(w, dz, out=tmp)).unsqueeze(1)
+        # A converged sample has Δz = 0: skip its update (u = 0) rather than divide by zero.
+        denom = torch.where(denom.abs() > 1e-30, denom, torch.full_like(denom, float("inf")))
+        vg = torch.linalg.vecdot(vt, g).unsqueeze(1)
+        torch.mul(w, vg / denom - 1.0, out=dz)  # the next step, −H⁺ g⁺
+        torch.mul(w, -1.0 / denom, out=us[slot])
+        vs[slot].copy_(vt)
+    return tracker.result(z0.shape)
+
+
+def _broyden_tracked(f: Callable[[Tensor], Tensor], z: Tensor, g: Tensor, tracker: Tracker, max_iter: int,
+                     memory: int, shape: torch.Size) -> tuple[Tensor, dict[str, Any]]:
+    """The grad-enabled path: every update out of place (pairs as lists), so autograd sees the whole solve."""
+    inv_jac = _InverseJacobian(z, min(memory, max_iter))
     for _ in range(max_iter - 1):
         dz = -inv_jac.matvec(g)
         z = z + dz
@@ -69,4 +111,4 @@ def broyden(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol: 
             break
         inv_jac.update(dz, g_new - g)
         g = g_new
-    return tracker.result(z0.shape)
+    return tracker.result(shape)

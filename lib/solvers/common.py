@@ -5,12 +5,13 @@ sample is under ``tol`` in ``stop_mode``, when f produces a non-finite value, or
 evaluations. Each f evaluation measures the residual of the iterate it was applied to, so the solver returns,
 per sample, the *iterate* (not its image) with the lowest residual seen.
 
-Host syncs: one per step (the stop test, which also reads the non-finite flag). Traces stay on the device
-until the end. Under ``torch.no_grad()`` buffers are updated in place; with grad enabled (the ``unrolled``
+Host syncs: one per step, which brings the per-sample residuals to the host for the stop test, the non-finite
+check and the best-iterate bookkeeping. Traces stay on the device until the end. Under ``torch.no_grad()`` buffers are updated in place; with grad enabled (the ``unrolled``
 gradient mode) every update is out of place so autograd can backprop through the whole solve.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -45,17 +46,22 @@ def select(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
 
 
 class Tracker:
-    """Tracks residuals of a batched solve; ``update`` returns True when the solve should stop."""
+    """Tracks residuals of a batched solve; ``update`` returns True when the solve should stop.
+
+    Per step it computes two norms on the device and brings the (2, B) residuals to the host in the step's one
+    sync; the best-iterate bookkeeping and the stop test then run on the host, so updating the best iterate
+    costs one copy (every sample improved, the usual case), an indexed copy (some did) or nothing.
+    """
 
     def __init__(self, z0: Tensor, tol: float, stop_mode: str) -> None:
         check_args(1, tol, stop_mode)
         self.tol, self.stop_mode = tol, stop_mode
-        b = z0.shape[0]
-        self.best_z = z0.detach().clone() if not torch.is_grad_enabled() else z0
-        self.best_abs = z0.new_full((b,), float("inf"), dtype=torch.float32 if z0.dtype == torch.float16 else None)
-        self.best_rel = torch.full_like(self.best_abs, float("inf"))
-        self.abs_trace: list[Tensor] = []
-        self.rel_trace: list[Tensor] = []
+        self.tracked = torch.is_grad_enabled()
+        self.best_z = z0 if self.tracked else z0.detach().clone()
+        self.dtype = torch.float32 if z0.dtype == torch.float16 else z0.dtype
+        self.best_abs = [float("inf")] * z0.shape[0]
+        self.best_rel = [float("inf")] * z0.shape[0]
+        self.traces: list[Tensor] = []  # (2, B) per step: abs and rel residuals, kept on the device
         self.nstep = 0
         self.nonfinite = False
         self.converged = False
@@ -68,29 +74,38 @@ class Tracker:
         self.nstep += 1
         with torch.no_grad():
             residual = fz - z if residual is None else residual
-            abs_res = residual.norm(dim=1).to(self.best_abs.dtype)
-            rel_res = abs_res / (fz.norm(dim=1).to(self.best_abs.dtype) + EPS)
-            res = rel_res if self.stop_mode == "rel" else abs_res
-            best = self.best_rel if self.stop_mode == "rel" else self.best_abs
-            better = res < best  # False for NaN, so a non-finite iterate never becomes the best
-            self.best_abs = torch.where(better, abs_res, self.best_abs)
-            self.best_rel = torch.where(better, rel_res, self.best_rel)
-            self.abs_trace.append(abs_res.max())
-            self.rel_trace.append(rel_res.max())
-            flags = torch.stack([torch.isfinite(abs_res).all(), (res < self.tol).all()])
-        self.best_z = select(better, z, self.best_z)
-        finite, done = flags.tolist()  # the one host sync per step
-        self.nonfinite = not finite
-        self.converged = done
-        return done or not finite
+            abs_res = torch.linalg.vector_norm(residual, dim=1, dtype=self.dtype)
+            rel_res = abs_res / (torch.linalg.vector_norm(fz, dim=1, dtype=self.dtype) + EPS)
+            both = torch.stack([abs_res, rel_res])
+        self.traces.append(both)
+        abs_list, rel_list = both.tolist()  # the one host sync per step
+        res, best = (rel_list, self.best_rel) if self.stop_mode == "rel" else (abs_list, self.best_abs)
+        better = [r < b for r, b in zip(res, best)]  # False for NaN: a non-finite iterate never becomes the best
+        if all(better):
+            self.best_abs, self.best_rel = abs_list, rel_list
+            self.best_z = z if self.tracked else self.best_z.copy_(z)
+        elif any(better):
+            idx = [i for i, ok in enumerate(better) if ok]
+            for i in idx:
+                self.best_abs[i], self.best_rel[i] = abs_list[i], rel_list[i]
+            if self.tracked:  # out of place: best_z may be saved for backward (or be the caller's z0)
+                mask = torch.tensor(better, device=z.device).reshape(-1, *([1] * (z.dim() - 1)))
+                self.best_z = torch.where(mask, z, self.best_z)
+            else:
+                index = torch.tensor(idx, device=z.device)
+                self.best_z.index_copy_(0, index, z.detach().index_select(0, index))
+        self.nonfinite = not all(math.isfinite(a) for a in abs_list)
+        self.converged = all(r < self.tol for r in res)
+        return self.converged or self.nonfinite
 
     def result(self, shape: torch.Size) -> tuple[Tensor, dict[str, Any]]:
+        traces = torch.stack(self.traces).amax(dim=2).cpu()  # (nstep, 2): the worst sample per step
         stats = {
             "nstep": self.nstep,
-            "abs_lowest": self.best_abs,
-            "rel_lowest": self.best_rel,
-            "abs_trace": torch.stack(self.abs_trace).cpu(),
-            "rel_trace": torch.stack(self.rel_trace).cpu(),
+            "abs_lowest": torch.tensor(self.best_abs, dtype=self.dtype, device=self.best_z.device),
+            "rel_lowest": torch.tensor(self.best_rel, dtype=self.dtype, device=self.best_z.device),
+            "abs_trace": traces[:, 0],
+            "rel_trace": traces[:, 1],
             "nonfinite": self.nonfinite,
             "converged": self.converged,
             "stop_mode": self.stop_mode,

@@ -1,0 +1,42 @@
+"""What every tool shares: ``--cfg FILE [KEY VALUE ...]`` parsing and one-line errors for bad input."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from deqlab.config import CfgNode, load_config
+from deqlab.errors import DeqlabError
+
+
+def tool_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cfg", required=True, help="experiment YAML, e.g. experiments/cifar/cls_mdeq_TINY.yaml")
+    # python -m torch.distributed.launch passes --local-rank=N (--local_rank before torch 2.0); torchrun
+    # sets LOCAL_RANK, which is what deqlab reads.
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    return parser
+
+
+def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> tuple[argparse.Namespace, CfgNode]:
+    """Parse the command line and load the config it names, with its overrides."""
+    args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    return args, load_config(args.cfg, args.opts)
+
+
+def run_tool(main: Callable[[], object]) -> None:
+    """Run ``main``; a DeqlabError (bad config, checkpoint or data) ends as one line on stderr, exit 2."""
+    try:
+        main()
+    except DeqlabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the last completed epoch's checkpoint is intact; rerun with TRAIN.RESUME True",
+              file=sys.stderr)
+        sys.exit(130)

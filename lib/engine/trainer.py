@@ -1,0 +1,204 @@
+"""The classification training loop: one process or several (DDP), resumable, atomic checkpoints.
+
+Layout of a run (``run_dir``): ``OUTPUT_DIR/<dataset>/<config name>/`` holds ``config.yaml`` (the resolved
+config), ``train.log``, ``checkpoint.pth`` (everything needed to resume, written after every epoch),
+``model_best.pth`` and ``final_state.pth`` (weights); tensorboard events go to
+``LOG_DIR/<dataset>/<config name>/``. Only rank 0 writes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from deqlab.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from deqlab.config import config_name, dump_config
+from deqlab.data import build_loader
+from deqlab.engine.evaluator import autocast_context, evaluate, solver_summary
+from deqlab.engine.optim import build_optimizer, build_scheduler
+from deqlab.models import build_model
+from deqlab.utils.dist import DistInfo, barrier, init_distributed
+
+log = logging.getLogger("deqlab")
+
+
+def run_dir(cfg: Any, cfg_path: str | os.PathLike) -> Path:
+    """Where a run of the config at ``cfg_path`` writes its checkpoints."""
+    return Path(cfg.OUTPUT_DIR) / cfg.DATASET.DATASET / config_name(cfg_path)
+
+
+def setup_logging(is_main: bool, log_file: Path | None = None) -> None:
+    """Rank 0 logs INFO to stdout (and ``log_file``); other ranks only warnings."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if is_main and log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def jac_loss_weight(cfg: Any, step: int, epoch: int) -> float:
+    """The Jacobian-regulariser weight at this step (the original's schedule)."""
+    deq_steps = step - cfg.TRAIN.PRETRAIN_STEPS
+    if deq_steps < 0:
+        return cfg.LOSS.PRETRAIN_JAC_LOSS_WEIGHT
+    if epoch >= cfg.LOSS.JAC_STOP_EPOCH:
+        return 0.0
+    return cfg.LOSS.JAC_LOSS_WEIGHT + 0.1 * (deq_steps // cfg.LOSS.JAC_INCREMENTAL)
+
+
+class Trainer:
+    """Builds everything from the config; ``fit()`` runs (or resumes) the training."""
+
+    def __init__(self, cfg: Any, cfg_path: str | os.PathLike, dist_info: DistInfo | None = None) -> None:
+        self.cfg = cfg
+        self.dist = dist_info or init_distributed(cfg.DEVICE)
+        self.device = self.dist.device
+        self.out_dir = run_dir(cfg, cfg_path)
+        self.tb_dir = Path(cfg.LOG_DIR) / cfg.DATASET.DATASET / config_name(cfg_path)
+        torch.backends.cudnn.benchmark = cfg.CUDNN.BENCHMARK
+        torch.backends.cudnn.deterministic = cfg.CUDNN.DETERMINISTIC
+        torch.backends.cudnn.enabled = cfg.CUDNN.ENABLED
+
+        torch.manual_seed(cfg.SEED)  # identical initial weights on every rank
+        self.model = build_model(cfg).to(self.device)
+        if cfg.MODEL.PRETRAINED:
+            load_weights(self.model, cfg.MODEL.PRETRAINED, strict=False, exclude=("classifier.",))
+        if cfg.TRAIN.MODEL_FILE:
+            load_weights(self.model, cfg.TRAIN.MODEL_FILE)
+        self.net: nn.Module = self.model
+        if self.dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        torch.manual_seed(cfg.SEED + self.dist.rank)  # dropout masks and augmentation differ per rank
+        random.seed(cfg.SEED + self.dist.rank)
+
+        self.train_loader = build_loader(cfg, "train", distributed=self.dist.distributed)
+        self.test_loader = build_loader(cfg, "test", distributed=self.dist.distributed)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer, len(self.train_loader))
+        fp16 = cfg.AMP.ENABLED and cfg.AMP.DTYPE == "float16" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.epoch, self.step, self.best = cfg.TRAIN.BEGIN_EPOCH, 0, 0.0
+        self.writer = None
+        if self.dist.is_main:  # written only once the config, weights and data have all been accepted
+            dump_config(cfg, self.out_dir / "config.yaml")
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(str(self.tb_dir))
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.epoch, "step": self.step, "best_metric": self.best, "rng": rng,
+                "config": self.cfg.dump(), "version": 1}
+
+    def resume(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.best = state["epoch"], state["step"], state["best_metric"]
+        if self.dist.rank == 0:  # other ranks keep their own (seed + rank) streams
+            torch.set_rng_state(state["rng"]["torch"])
+            random.setstate((3, tuple(state["rng"]["python"]), None))
+            if state["rng"].get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        log.info("resumed from %s at epoch %d (step %d, best top-1 %.2f)", path, self.epoch, self.step, self.best)
+
+    def save_weights(self, name: str, metrics: dict[str, float]) -> None:
+        save_checkpoint(self.out_dir / name, {"model": self.model.state_dict(), "epoch": self.epoch,
+                                              "metrics": metrics, "config": self.cfg.dump()})
+
+    # ---- training ----------------------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        factor = jac_loss_weight(cfg, self.step, self.epoch)
+        compute_jac = factor > 0 and torch.rand([]).item() < cfg.LOSS.JAC_LOSS_FREQ
+        delta = cfg.DEQ.RAND_F_THRES_DELTA
+        # As in the original: when the Jacobian term is on, the forward budget jitters by -delta..+1.
+        f_thres = cfg.DEQ.F_THRES + (torch.randint(-delta, 2, []).item() if delta > 0 and compute_jac else 0)
+        with autocast_context(cfg, self.device):
+            logits, info = self.net(x, train_step=self.step, compute_jac_loss=compute_jac, f_thres=f_thres)
+            loss = F.cross_entropy(logits.float(), y)
+        total = loss + factor * info["jac_loss"] if info["jac_loss"] is not None else loss
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if cfg.TRAIN.CLIP > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.TRAIN.CLIP)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        fwd_steps, fwd_res = solver_summary(info["fwd"])
+        bwd_steps, bwd_res = solver_summary(info["bwd"])
+        return {"loss": loss.item(), "acc": 100 * (logits.argmax(1) == y).float().mean().item(),
+                "jac_loss": info["jac_loss"].item() if info["jac_loss"] is not None else 0.0,
+                "fwd_steps": fwd_steps, "fwd_residual": fwd_res, "bwd_steps": bwd_steps,
+                "bwd_residual": bwd_res, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def train_epoch(self) -> dict[str, float]:
+        self.net.train()
+        self.train_loader.sampler.set_epoch(self.epoch)
+        totals: dict[str, float] = {}
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.cfg.TRAIN.END_EPOCH}",
+                   disable=not self.dist.is_main, dynamic_ncols=True)
+        for i, (x, y) in enumerate(bar, 1):
+            stats = self.train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{totals['loss'] / i:.3f}", acc=f"{totals['acc'] / i:.1f}",
+                            nfe=f"{stats['fwd_steps']:.0f}", lr=f"{stats['lr']:.2e}")
+            if self.writer is not None and self.step % self.cfg.PRINT_FREQ == 0:
+                for k, v in stats.items():
+                    self.writer.add_scalar(f"train/{k}", v, self.step)
+        return {k: v / max(len(self.train_loader), 1) for k, v in totals.items()}
+
+    def fit(self, stop_after: int | None = None) -> dict[str, float]:
+        """Train until ``TRAIN.END_EPOCH`` (or ``stop_after`` more epochs); return the last validation metrics."""
+        ckpt = self.out_dir / "checkpoint.pth"
+        if self.cfg.TRAIN.RESUME and ckpt.is_file():
+            self.resume(ckpt)
+        elif self.cfg.TRAIN.RESUME:
+            log.info("TRAIN.RESUME: no checkpoint at %s, starting from scratch", ckpt)
+        metrics: dict[str, float] = {}
+        end = self.cfg.TRAIN.END_EPOCH if stop_after is None else min(self.cfg.TRAIN.END_EPOCH,
+                                                                     self.epoch + stop_after)
+        while self.epoch < end:
+            start = time.time()
+            train = self.train_epoch()
+            metrics = evaluate(self.net, self.test_loader, self.cfg, self.device)
+            self.epoch += 1
+            log.info("epoch %d/%d  train loss %.4f acc %.2f  |  test loss %.4f top-1 %.2f top-5 %.2f  |  "
+                     "solver steps %.1f residual %.2e  |  %.0fs", self.epoch, self.cfg.TRAIN.END_EPOCH,
+                     train["loss"], train["acc"], metrics["loss"], metrics["top1"], metrics["top5"],
+                     metrics["fwd_steps"], metrics["fwd_residual"], time.time() - start)
+            if self.dist.is_main:
+                for k, v in metrics.items():
+                    self.writer.add_scalar(f"valid/{k}", v, self.epoch)
+                improved = metrics["top1"] > self.best
+                self.best = max(self.best, metrics["top1"])
+                save_checkpoint(ckpt, self.state())
+                if improved:
+                    self.save_weights("model_best.pth", metrics)
+            barrier()
+        if self.dist.is_main and self.epoch >= self.cfg.TRAIN.END_EPOCH:
+            self.save_weights("final_state.pth", metrics)
+            log.info("done: %s (best top-1 %.2f)", self.out_dir / "final_state.pth", self.best)
+        if self.writer is not None:
+            self.writer.close()
+        return metrics

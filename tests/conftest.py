@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny Fashion-MNIST in its real on-disk (IDX) format and a tiny MDEQ config for it."""
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_fashion_mnist(root: Path, n_train: int = 48, n_test: int = 16, seed: int = 0) -> Path:
+    """IDX files under ``root/fashion_mnist/FashionMNIST/raw`` (torchvision's layout); class k is a bright
+    bar in row band k plus noise, so a model can learn it."""
+    raw = root / "fashion_mnist" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+        for img, lab in zip(images, labels):
+            img[2 + 2 * lab: 4 + 2 * lab, 4:24] = 255
+        for kind, magic, arr in (("images-idx3", 0x803, images), ("labels-idx1", 0x801, labels)):
+            header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in arr.shape)
+            (raw / f"{prefix}-{kind}-ubyte").write_bytes(header + arr.tobytes())
+    return root
+
+
+TINY_OVERRIDES = [
+    "MODEL.IMAGE_SIZE", "[28, 28]", "MODEL.DOWNSAMPLE_TIMES", "1", "MODEL.EXPANSION_FACTOR", "2",
+    "MODEL.NUM_GROUPS", "2", "MODEL.NUM_LAYERS", "3",
+    "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[4, 8]", "MODEL.EXTRA.FULL_STAGE.HEAD_CHANNELS", "[2, 4]",
+    "MODEL.EXTRA.FULL_STAGE.FINAL_CHANSIZE", "16",
+    "DEQ.F_SOLVER", "anderson", "DEQ.B_SOLVER", "anderson", "DEQ.F_THRES", "6", "DEQ.B_THRES", "6",
+    "DEQ.GRAD", "ift", "TRAIN.PRETRAIN_STEPS", "2", "TRAIN.END_EPOCH", "2", "TRAIN.BATCH_SIZE_PER_GPU", "16",
+    "TEST.BATCH_SIZE_PER_GPU", "8", "WORKERS", "0", "PRINT_FREQ", "1", "DEVICE", "cpu",
+]
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """(config path, overrides, tmp_path) for a seconds-long training run on a tiny Fashion-MNIST."""
+    write_fashion_mnist(tmp_path / "data")
+    overrides = TINY_OVERRIDES + ["DATASET.ROOT", str(tmp_path / "data"), "OUTPUT_DIR", str(tmp_path / "out"),
+                                  "LOG_DIR", str(tmp_path / "log")]
+    return REPO / "experiments/fashion_mnist/cls_mdeq_quickstart.yaml", overrides, tmp_path
