@@ -113,9 +113,15 @@ class DEQ(nn.Module):
         z0_flat, shapes = pack(z0)
         dtype = z0_flat.dtype
 
+        # Under autocast, f runs in mixed precision but the solver runs with autocast off, on states kept in
+        # z0's dtype (fp32): residual norms and quasi-Newton updates need the precision.
+        device_type = z0_flat.device.type
+        amp = torch.is_autocast_enabled(device_type)
+        amp_dtype = torch.get_autocast_dtype(device_type)
+
         def f_flat(z: Tensor) -> Tensor:
-            # The solver state stays in z0's dtype (fp32) even when f runs under autocast.
-            return pack(f(unpack(z, shapes, like)))[0].to(dtype)
+            with torch.autocast(device_type, dtype=amp_dtype, enabled=amp):
+                return pack(f(unpack(z, shapes, like)))[0].to(dtype)
 
         info: dict[str, Any] = {"fwd": None, "bwd": {}, "jac_loss": None}
         graph = None  # (f(z*), z*) with autograd, when the ift gradient built it
@@ -140,8 +146,9 @@ class DEQ(nn.Module):
         return unpack(out, shapes, like), info
 
     def _solve(self, f_flat: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int | None):
-        return self.f_solver(f_flat, z0, max_iter=max_iter or self.f_max_iter, tol=self.f_tol,
-                             stop_mode=self.stop_mode, **self.f_solver_options)
+        with torch.autocast(z0.device.type, enabled=False):
+            return self.f_solver(f_flat, z0, max_iter=max_iter or self.f_max_iter, tol=self.f_tol,
+                                 stop_mode=self.stop_mode, **self.f_solver_options)
 
     def _attach_gradient(self, f_flat: Callable[[Tensor], Tensor], z_star: Tensor,
                          info: dict) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
@@ -162,8 +169,9 @@ class DEQ(nn.Module):
             def vjp_step(g: Tensor) -> Tensor:
                 return torch.autograd.grad(fz, z_in, g, retain_graph=True)[0] + grad
 
-            g, stats = self.b_solver(vjp_step, torch.zeros_like(grad), max_iter=self.b_max_iter,
-                                     tol=self.b_tol, stop_mode=self.stop_mode, **self.b_solver_options)
+            with torch.autocast(grad.device.type, enabled=False):
+                g, stats = self.b_solver(vjp_step, torch.zeros_like(grad), max_iter=self.b_max_iter,
+                                         tol=self.b_tol, stop_mode=self.stop_mode, **self.b_solver_options)
             info["bwd"].update(stats)
             return g
 

@@ -72,6 +72,9 @@ def test_bad_config_input_is_one_line(tiny_run):
                           "unknown config key DEQ.F_THRESH", "did you mean DEQ.F_THRES")
     assert_one_line_error(run(tool("cls_valid.py") + ["--cfg", str(path), "DEQ.F_THRES", "many"], tmp),
                           "DEQ.F_THRES expects int")
+    # locuslab/mdeq's flags still work: --testModel sets TEST.MODEL_FILE
+    assert_one_line_error(run(tool("cls_valid.py") + ["--cfg", str(path), "--testModel", "missing.pkl", *overrides],
+                              tmp), "checkpoint missing.pkl not found")
 
 
 def test_a_missing_dataset_says_where_it_looked(tiny_run):

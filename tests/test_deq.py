@@ -188,3 +188,24 @@ def test_spectral_radius_of_a_symmetric_linear_map():
     rho = spectral_radius(z @ a.T, z, num_iters=300)
     assert rho.shape == (B,)
     assert torch.allclose(rho, torch.full((B,), 0.9, dtype=torch.float64), atol=1e-3)
+
+
+@pytest.mark.parametrize("grad", ["ift", "phantom"])
+def test_under_autocast_f_runs_in_bf16_and_the_solver_in_fp32(grad):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(D, D)
+    x = torch.randn(B, D)
+    seen = []
+
+    def f(z):
+        out = lin(z)
+        seen.append(out.dtype)
+        return torch.tanh(0.5 * out + x)
+
+    deq = DEQ(f_solver="broyden", b_solver="anderson", grad=grad, f_max_iter=20, f_tol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, info = deq(f, torch.zeros(B, D))
+    assert torch.bfloat16 in seen and z.dtype == torch.float32
+    assert info["fwd"]["rel_lowest"].dtype == torch.float32 and info["fwd"]["rel_lowest"].max() < 1e-2
+    z.sum().backward()
+    assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()

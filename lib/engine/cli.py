@@ -10,6 +10,11 @@ from deqlab.config import CfgNode, load_config
 from deqlab.errors import DeqlabError
 
 
+# The original tools' flags, kept so their command lines keep working; each sets one config key.
+LEGACY_FLAGS = {"--modelDir": "OUTPUT_DIR", "--logDir": "LOG_DIR", "--dataDir": "DATA_DIR",
+                "--testModel": "TEST.MODEL_FILE", "--percent": "PERCENT"}
+
+
 def tool_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--cfg", required=True, help="experiment YAML, e.g. experiments/cifar/cls_mdeq_TINY.yaml")
@@ -17,6 +22,8 @@ def tool_parser(description: str) -> argparse.ArgumentParser:
     # sets LOCAL_RANK, which is what deqlab reads.
     parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
                         help=argparse.SUPPRESS)
+    for flag, key in LEGACY_FLAGS.items():
+        parser.add_argument(flag, dest=flag.lstrip("-"), default=None, help=f"same as {key} (locuslab/mdeq flag)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return parser
 
@@ -26,7 +33,9 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
     args = parser.parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    return args, load_config(args.cfg, args.opts)
+    flags = [item for flag, key in LEGACY_FLAGS.items() if getattr(args, flag.lstrip("-")) is not None
+             for item in (key, getattr(args, flag.lstrip("-")))]
+    return args, load_config(args.cfg, flags + list(args.opts))
 
 
 def run_tool(main: Callable[[], object]) -> None:

@@ -211,10 +211,12 @@ class MDEQBackbone(nn.Module):
         x = self.downsample(x)
         x0 = self.stage0(x) if self.stage0 is not None else x
         b, _, h, w = x0.shape
-        z0 = [torch.zeros_like(x0)]
+        # Under autocast x0 is half precision; the solver state stays float32 (float64 stays float64).
+        dtype = torch.promote_types(x0.dtype, torch.float32)
+        z0 = [x0.new_zeros(b, self.num_channels[0], h, w, dtype=dtype)]
         for c in self.num_channels[1:]:
             h, w = h // 2, w // 2
-            z0.append(x0.new_zeros(b, c, h, w))
+            z0.append(x0.new_zeros(b, c, h, w, dtype=dtype))
         return [x0] + [None] * (len(z0) - 1), z0
 
     def forward(self, x: Tensor, train_step: int = -1, compute_jac_loss: bool = False,
