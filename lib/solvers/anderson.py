@@ -61,12 +61,12 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol:
     m = min(m, max_iter)
     fs, gs = x.new_empty(m, b, n_state), x.new_empty(m, b, n_state)
     gram = torch.zeros(b, m, m, dtype=torch.float64, device=x.device)
-    x_next = torch.empty_like(x)
+    x_bufs = (torch.empty_like(x), torch.empty_like(x))  # ping-pong: xₖ stays intact while xₖ₊₁ is written
     for k in range(max_iter):
         slot, n = k % m, min(k + 1, m)
         fx = f(x)
         g = torch.sub(fx, x, out=gs[slot])
-        if tracker.update(x, fx, g):
+        if tracker.update(x, fx, g, hold=k > 0):  # x₀ is the caller's z0: copied, never held
             break
         fs[slot].copy_(fx)
         g_hist = gs[:n].transpose(0, 1)  # (B, n, N)
@@ -74,7 +74,7 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol:
         gram[:, slot, :n] = row
         gram[:, :n, slot] = row
         alpha = _mixing_weights(gram[:, :n, :n], lam).to(x.dtype).unsqueeze(1)  # (B, 1, n)
-        x = x_next
+        x = x_bufs[k % 2]
         torch.bmm(alpha, fs[:n].transpose(0, 1), out=x.unsqueeze(1))
         if beta != 1.0:
             x.unsqueeze(1).baddbmm_(alpha, g_hist, alpha=beta - 1.0)

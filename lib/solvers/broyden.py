@@ -69,14 +69,15 @@ def broyden(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol: 
     b, n_state = z.shape
     mem = min(memory, max_iter - 1)
     us, vs = z.new_empty(mem, b, n_state), z.new_empty(mem, b, n_state)
-    z_buf, w, vt, tmp = (torch.empty_like(z) for _ in range(4))
+    z_bufs = (torch.empty_like(z), torch.empty_like(z))  # ping-pong: zₖ stays intact while zₖ₊₁ is written
+    w, vt, tmp = (torch.empty_like(z) for _ in range(3))
     dz = g.clone()  # H₀ = −I: the first step is a fixed-point step
     g = torch.empty_like(z)
     for k in range(max_iter - 1):
-        z = torch.add(z, dz, out=z_buf)
+        z = torch.add(z, dz, out=z_bufs[k % 2])
         fz = f(z)
         torch.sub(fz, z, out=g)
-        if tracker.update(z, fz, g):
+        if tracker.update(z, fz, g, hold=True):
             break
         n, slot = min(k, mem), k % mem
         if n:

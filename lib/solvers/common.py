@@ -61,15 +61,19 @@ class Tracker:
         self.dtype = torch.float32 if z0.dtype == torch.float16 else z0.dtype
         self.best_abs = [float("inf")] * z0.shape[0]
         self.best_rel = [float("inf")] * z0.shape[0]
+        self.held: Tensor | None = None  # an iterate best for every sample, held by reference (see update)
         self.traces: list[Tensor] = []  # (2, B) per step: abs and rel residuals, kept on the device
         self.nstep = 0
         self.nonfinite = False
         self.converged = False
 
-    def update(self, z: Tensor, fz: Tensor, residual: Tensor | None = None) -> bool:
+    def update(self, z: Tensor, fz: Tensor, residual: Tensor | None = None, hold: bool = False) -> bool:
         """Record iterate ``z``, its image ``fz`` (and ``fz − z`` if already computed).
 
-        Returns True when every sample is under tol or f produced a non-finite value.
+        ``hold=True`` promises that ``z`` stays unmodified until the next ``update`` returns: when ``z`` is then
+        the best iterate of every sample (the usual case) it is kept by reference instead of copied, and only
+        copied out if a later iterate is not better everywhere. Returns True when every sample is under tol
+        or f produced a non-finite value.
         """
         self.nstep += 1
         with torch.no_grad():
@@ -81,9 +85,17 @@ class Tracker:
         abs_list, rel_list = both.tolist()  # the one host sync per step
         res, best = (rel_list, self.best_rel) if self.stop_mode == "rel" else (abs_list, self.best_abs)
         better = [r < b for r, b in zip(res, best)]  # False for NaN: a non-finite iterate never becomes the best
+        if not self.tracked and self.held is not None and not all(better):
+            self.best_z.copy_(self.held)  # the held iterate stops being best somewhere: copy it out first
+        self.held = None
         if all(better):
             self.best_abs, self.best_rel = abs_list, rel_list
-            self.best_z = z if self.tracked else self.best_z.copy_(z)
+            if self.tracked:
+                self.best_z = z
+            elif hold:
+                self.held = z
+            else:
+                self.best_z.copy_(z)
         elif any(better):
             idx = [i for i, ok in enumerate(better) if ok]
             for i in idx:
@@ -111,7 +123,8 @@ class Tracker:
             "stop_mode": self.stop_mode,
             "tol": self.tol,
         }
-        return self.best_z.reshape(shape), stats
+        best = self.best_z if self.held is None else self.held
+        return best.reshape(shape), stats
 
 
 class History:

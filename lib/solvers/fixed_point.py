@@ -16,9 +16,10 @@ def fixed_point(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, t
         raise ValueError(f"fixed_point damping tau must be in (0, 1], got {tau}")
     f, z = flatten_cell(f, z0)
     tracker = Tracker(z, tol, stop_mode)
-    for _ in range(max_iter):
+    for k in range(max_iter):
         fz = f(z)
-        if tracker.update(z, fz):
+        # Iterates are never modified in place, so the tracker may hold zₖ by reference (z₀ is the caller's).
+        if tracker.update(z, fz, hold=k > 0):
             break
         z = fz if tau == 1.0 else tau * fz + (1.0 - tau) * z
     return tracker.result(z0.shape)
