@@ -37,14 +37,6 @@ def check_args(max_iter: int, tol: float, stop_mode: str) -> None:
         raise ValueError(f"tol must be >= 0, got {tol}")
 
 
-def select(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
-    """Rows of ``new`` where ``mask`` (B,), else rows of ``old``; in place on ``old`` under no_grad."""
-    mask = mask.reshape(-1, *([1] * (new.dim() - 1)))
-    if torch.is_grad_enabled():  # old may be saved for backward (or be the caller's z0): never overwrite it
-        return torch.where(mask, new, old)
-    return torch.where(mask, new, old, out=old)
-
-
 class Tracker:
     """Tracks residuals of a batched solve; ``update`` returns True when the solve should stop.
 
