@@ -87,6 +87,13 @@ def ensure_fashion_mnist_raw(folder: str) -> bool:
     return True
 
 
+def _small_image_transforms(cfg, native: int, pad: int, mean, std, augment: bool) -> transforms.Compose:
+    """Random crop (``pad``) + flip when ``augment``, a resize if MODEL.IMAGE_SIZE differs, then normalise."""
+    tf = [transforms.RandomCrop(native, padding=pad), transforms.RandomHorizontalFlip()] if augment else []
+    tf += _resize_if_needed(cfg, native)
+    return transforms.Compose(tf + [transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
 def build_fashion_mnist(cfg, folder: str, split: str, augment: bool):
     raw = os.path.join(folder, "FashionMNIST", "raw")
     download = False
@@ -98,13 +105,9 @@ def build_fashion_mnist(cfg, folder: str, split: str, augment: bool):
                 f"in {debian}; install them with `apt-get install dataset-fashion-mnist`, or set "
                 f"DEQLAB_ALLOW_DOWNLOAD=1 to let torchvision download into {folder}")
         download = True
-    tf = []
-    if augment:
-        tf += [transforms.RandomCrop(28, padding=2), transforms.RandomHorizontalFlip()]
-    tf += _resize_if_needed(cfg, 28)
-    tf += [transforms.ToTensor(), transforms.Normalize(FASHION_MEAN, FASHION_STD)]
+    tf = _small_image_transforms(cfg, 28, 2, FASHION_MEAN, FASHION_STD, augment)
     try:
-        return datasets.FashionMNIST(folder, train=(split == "train"), transform=transforms.Compose(tf),
+        return datasets.FashionMNIST(folder, train=(split == "train"), transform=tf,
                                      download=download)
     except (RuntimeError, OSError, ValueError) as err:  # truncated / malformed idx files, failed download
         raise DatasetError(f"fashion_mnist: cannot read {raw}: {err}; reinstall with `apt-get install "
@@ -140,13 +143,9 @@ def build_cifar10(cfg, folder: str, split: str, augment: bool):
                 f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into {folder}, or set "
                 f"DEQLAB_ALLOW_DOWNLOAD=1 to let torchvision download it")
         download = True
-    tf = []
-    if augment:
-        tf += [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
-    tf += _resize_if_needed(cfg, 32)
-    tf += [transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN, CIFAR_STD)]
+    tf = _small_image_transforms(cfg, 32, 4, CIFAR_MEAN, CIFAR_STD, augment)
     try:
-        return LenientCIFAR10(folder, train=(split == "train"), transform=transforms.Compose(tf),
+        return LenientCIFAR10(folder, train=(split == "train"), transform=tf,
                               download=download)
     except Exception as err:  # unpickling errors come in many types (UnpicklingError, EOFError, KeyError...)
         raise DatasetError(f"cifar10: cannot read {batches}: {type(err).__name__}: {err}; re-unpack "

@@ -16,34 +16,41 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from deqlab.solvers.common import History, Tracker, check_args, flatten_cell
+from deqlab.solvers.common import Tracker, check_args, flatten_cell
 
 
 class _InverseJacobian:
-    """H = −I + Uᵀ V with U, V stored as (B, k, N) histories."""
+    """H = −I + Σᵢ uᵢ vᵢᵀ as lists of pairs, for the grad-enabled path.
 
-    def __init__(self, like: Tensor, memory: int) -> None:
-        self.us, self.vs = History(like, memory), History(like, memory)
+    Products are sums of rank-one terms rather than bmm over stacked histories: a stack would be a new
+    (B, k, N) tensor saved for backward at every step, O(k²·N) memory over a solve; the terms only save
+    references to the pairs themselves, O(k·N).
+    """
+
+    def __init__(self, memory: int) -> None:
+        self.memory = memory
+        self.us: list[Tensor] = []
+        self.vs: list[Tensor] = []
 
     def matvec(self, x: Tensor) -> Tensor:  # H x
-        if not len(self.us):
-            return -x
-        vx = torch.bmm(self.vs.stacked(), x.unsqueeze(2))
-        return -x + torch.bmm(self.us.stacked().transpose(1, 2), vx).squeeze(2)
+        out = -x
+        for u, v in zip(self.us, self.vs):
+            out = out + u * torch.linalg.vecdot(v, x).unsqueeze(1)
+        return out
 
     def rmatvec(self, x: Tensor) -> Tensor:  # xᵀ H
-        if not len(self.us):
-            return -x
-        ux = torch.bmm(self.us.stacked(), x.unsqueeze(2))
-        return -x + torch.bmm(self.vs.stacked().transpose(1, 2), ux).squeeze(2)
+        out = -x
+        for u, v in zip(self.us, self.vs):
+            out = out + v * torch.linalg.vecdot(u, x).unsqueeze(1)
+        return out
 
     def update(self, dz: Tensor, dg: Tensor) -> None:
         vt = self.rmatvec(dz)
         denom = (vt * dg).sum(dim=1, keepdim=True)
         # A converged sample has Δz = Δg = 0: skip its update (u = 0) rather than divide by zero.
         denom = torch.where(denom.abs() > 1e-30, denom, torch.full_like(denom, float("inf")))
-        self.us.append((dz - self.matvec(dg)) / denom)
-        self.vs.append(vt)
+        u = (dz - self.matvec(dg)) / denom
+        self.us, self.vs = (self.us + [u])[-self.memory:], (self.vs + [vt])[-self.memory:]
 
 
 def broyden(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol: float = 1e-3,
@@ -102,7 +109,7 @@ def broyden(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol: 
 def _broyden_tracked(f: Callable[[Tensor], Tensor], z: Tensor, g: Tensor, tracker: Tracker, max_iter: int,
                      memory: int, shape: torch.Size) -> tuple[Tensor, dict[str, Any]]:
     """The grad-enabled path: every update out of place (pairs as lists), so autograd sees the whole solve."""
-    inv_jac = _InverseJacobian(z, min(memory, max_iter))
+    inv_jac = _InverseJacobian(min(memory, max_iter))
     for _ in range(max_iter - 1):
         dz = -inv_jac.matvec(g)
         z = z + dz

@@ -1,0 +1,135 @@
+"""MDEQ-TINY training-step speed and memory per gradient mode (ift / phantom / unrolled) and forward budget.
+
+    python benchmarks/train_step.py [--steps 5] [--batch 32] [--f-thres 10 20 30] [--f-solver broyden]
+                                    [--out benchmarks/results/train_step.json]
+
+Each (mode, F_THRES) runs in a fresh process so that memory peaks do not mix. The forward tolerance is set
+to 0 so every solve spends its whole budget: otherwise an early stop would hide how memory scales.
+Memory is reported two ways: the bytes autograd saves for backward during one step (exact, what the
+gradient mode decides) and the step's peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS above the
+RSS before the first step, which includes transient buffers such as the backward solve's).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = ("ift", "phantom", "unrolled")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def measure(mode: str, f_thres: int, batch: int, steps: int, device: str, f_solver: str) -> dict:
+    """Time ``steps`` training steps of MDEQ-TINY (after one warm-up) and measure their memory."""
+    from deqlab.config import load_config
+    from deqlab.models import build_model
+
+    cfg = load_config(REPO / "experiments/cifar/cls_mdeq_TINY.yaml",
+                      ["DEQ.GRAD", mode, "DEQ.F_SOLVER", f_solver, "DEQ.F_THRES", str(f_thres), "DEQ.F_EPS", "0.0", "TRAIN.PRETRAIN_STEPS", "0",
+                       "MODEL.DROPOUT", "0.0"])
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = build_model(cfg).to(dev).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(batch, 3, 32, 32, device=dev), torch.randint(0, 10, (batch,), device=dev)
+
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    def step(record: bool = False) -> dict:
+        if record:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                logits, info = model(x, train_step=10**9)
+        else:
+            logits, info = model(x, train_step=10**9)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return info
+
+    base_rss = rss_mb()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+    info = step(record=True)  # warm-up; also records what autograd saves
+    times = []
+    for _ in range(steps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        info = step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = ((torch.cuda.max_memory_allocated() - base_cuda) / 2**20 if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss)
+    return {"mode": mode, "f_solver": f_solver, "f_thres": f_thres, "batch": batch, "device": device,
+            "step_s": statistics.median(times), "images_per_s": batch / statistics.median(times),
+            "fwd_steps": info["fwd"]["nstep"], "bwd_steps": info["bwd"].get("nstep", 0),
+            "saved_for_backward_mb": sum(storages.values()) / 2**20, "peak_step_mb": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--f-thres", type=int, nargs="+", default=[10, 20, 30])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--f-solver", default="broyden", help="forward solver (MDEQ-TINY's is broyden)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=str(REPO / "benchmarks/results/train_step.json"))
+    parser.add_argument("--child", nargs=2, metavar=("MODE", "F_THRES"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child[0], int(args.child[1]), args.batch, args.steps, args.device,
+                                 args.f_solver)))
+        return
+
+    rows = []
+    print(f"{'mode':<10}{'F_THRES':>8}{'images/s':>10}{'fwd/bwd steps':>15}{'saved MB':>10}{'peak MB':>9}")
+    for mode in args.modes:
+        for f_thres in args.f_thres:
+            cmd = [sys.executable, __file__, "--child", mode, str(f_thres), "--batch", str(args.batch),
+                   "--steps", str(args.steps), "--device", args.device, "--f-solver", args.f_solver]
+            row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            rows.append(row)
+            print(f"{mode:<10}{f_thres:>8}{row['images_per_s']:>10.1f}{row['fwd_steps']:>8}/{row['bwd_steps']:<6}"
+                  f"{row['saved_for_backward_mb']:>10.1f}{row['peak_step_mb']:>9.1f}", flush=True)
+
+    lo, hi = min(args.f_thres), max(args.f_thres)
+    growth = {}
+    for mode in args.modes:
+        by_thres = {r["f_thres"]: r for r in rows if r["mode"] == mode}
+        growth[mode] = {k: by_thres[hi][k] / by_thres[lo][k] - 1 for k in ("saved_for_backward_mb", "peak_step_mb")}
+        print(f"{mode}: memory growth F_THRES {lo} -> {hi}: saved {100 * growth[mode]['saved_for_backward_mb']:+.0f}%, "
+              f"peak {100 * growth[mode]['peak_step_mb']:+.0f}%")
+    targets = {m: all(g <= 0.10 for g in growth[m].values()) for m in ("ift", "phantom") if m in growth}
+    if "unrolled" in growth:
+        targets["unrolled grows"] = growth["unrolled"]["saved_for_backward_mb"] > 0.10
+    print("targets:", ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"f_solver": args.f_solver, "rows": rows, "growth": growth, "targets": targets,
+                                          "torch": torch.__version__}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
