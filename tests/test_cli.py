@@ -7,6 +7,9 @@ import sys
 import pytest
 import torch
 
+from deqlab.config import load_config
+from deqlab.models import build_model
+
 from conftest import REPO
 
 OUT = "out/fashion_mnist/cls_mdeq_quickstart"
@@ -92,8 +95,10 @@ def test_bad_checkpoints_are_one_line_and_damage_nothing(trained):
     valid = tool("cls_valid.py") + ["--cfg", str(path), *overrides]
     assert_one_line_error(run(valid + ["TEST.MODEL_FILE", str(tmp / "corrupt.pth")], tmp),
                           "corrupt.pth is not a readable checkpoint")
-    other = REPO.parent / "shared" / "compat" / "cifar_tiny_random_init.pkl"
-    assert_one_line_error(run(valid + ["TEST.MODEL_FILE", str(other)], tmp), "does not fit this model", "missing")
+    other = tmp / "other_config.pth"  # a checkpoint of another config (two output classes)
+    torch.save(build_model(load_config(path, overrides + ["MODEL.NUM_CLASSES", "2"])).state_dict(), other)
+    assert_one_line_error(run(valid + ["TEST.MODEL_FILE", str(other)], tmp), "does not fit this model",
+                          "classifier.weight (2, 16) vs model (10, 16)")
     assert_one_line_error(run(valid, tmp), "TEST.MODEL_FILE is empty")
     train = tool("cls_train.py") + ["--cfg", str(path), *overrides]
     assert_one_line_error(run(train + ["TRAIN.MODEL_FILE", str(tmp / "corrupt.pth")], tmp), "corrupt.pth")

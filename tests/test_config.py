@@ -1,14 +1,14 @@
 """Config loading: every shipped YAML and the original repositories' layouts load; bad input names its source."""
-from pathlib import Path
 
 import pytest
 
 from deqlab.config import dump_config, get_defaults, load_config
 from deqlab.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import COMPAT, REPO, needs_compat
+
 SHIPPED = sorted(REPO.glob("experiments/**/*.yaml"))
-V1_MINI4 = REPO.parent / "shared" / "compat" / "configs" / "v1_cls_mdeq_MINI4.yaml"
+V1_MINI4 = COMPAT / "configs" / "v1_cls_mdeq_MINI4.yaml"
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
@@ -23,6 +23,7 @@ def test_shipped_yamls_exist():
             "imagenet/cls_mdeq_LARGE.yaml", "imagenet/cls_mdeq_XL.yaml"} <= names
 
 
+@needs_compat
 def test_v1_thresholds_under_model_are_mapped_to_deq(recwarn):
     cfg = load_config(V1_MINI4)
     assert (cfg.DEQ.F_THRES, cfg.DEQ.B_THRES) == (26, 27)

@@ -9,9 +9,9 @@ from deqlab.checkpoint import load_weights
 from deqlab.config import get_defaults, load_config
 from deqlab.models import build_model
 
-REPO = Path(__file__).resolve().parents[1]
-COMPAT = REPO.parent / "shared" / "compat"
-pytestmark = pytest.mark.skipif(not COMPAT.is_dir(), reason=f"compat fixtures not found at {COMPAT}")
+from conftest import COMPAT, REPO, needs_compat
+
+pytestmark = needs_compat
 ALIASES = ("fullstage_copy.", "deq.func.", "deq.func_copy.")
 SETTING_KEYS = {  # manifest model_settings → config key
     "NUM_LAYERS": "MODEL.NUM_LAYERS", "NUM_CLASSES": "MODEL.NUM_CLASSES", "NUM_GROUPS": "MODEL.NUM_GROUPS",
