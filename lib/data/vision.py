@@ -29,6 +29,13 @@ def download_allowed() -> bool:
     return os.environ.get("DEQLAB_ALLOW_DOWNLOAD", "").strip() == "1"
 
 
+def download_or_fail(message: str) -> bool:
+    """True when downloads are allowed (DEQLAB_ALLOW_DOWNLOAD=1), else a DatasetError with ``message``."""
+    if not download_allowed():
+        raise DatasetError(message)
+    return True
+
+
 def image_hw(cfg) -> tuple[int, int]:
     """``MODEL.IMAGE_SIZE`` is ``[width, height]`` (defaults.py, HRNet/MDEQ convention); returns (H, W)."""
     size = list(cfg.MODEL.IMAGE_SIZE)
@@ -99,12 +106,10 @@ def build_fashion_mnist(cfg, folder: str, split: str, augment: bool):
     download = False
     if not ensure_fashion_mnist_raw(folder):
         debian = os.environ.get("DEQLAB_FASHION_MNIST_DEBIAN", DEBIAN_FASHION_DIR)
-        if not download_allowed():
-            raise DatasetError(
-                f"fashion_mnist: raw files not found in {raw} (need {', '.join(FASHION_FILES)}) nor as .gz "
-                f"in {debian}; install them with `apt-get install dataset-fashion-mnist`, or set "
-                f"DEQLAB_ALLOW_DOWNLOAD=1 to let torchvision download into {folder}")
-        download = True
+        download = download_or_fail(
+            f"fashion_mnist: raw files not found in {raw} (need {', '.join(FASHION_FILES)}) nor as .gz "
+            f"in {debian}; install them with `apt-get install dataset-fashion-mnist`, or set "
+            f"DEQLAB_ALLOW_DOWNLOAD=1 to let torchvision download into {folder}")
     tf = _small_image_transforms(cfg, 28, 2, FASHION_MEAN, FASHION_STD, augment)
     try:
         return datasets.FashionMNIST(folder, train=(split == "train"), transform=tf,
@@ -135,14 +140,10 @@ class LenientCIFAR10(datasets.CIFAR10):
 def build_cifar10(cfg, folder: str, split: str, augment: bool):
     batches = os.path.join(folder, LenientCIFAR10.base_folder)
     missing = [f for f in CIFAR_FILES if not os.path.isfile(os.path.join(batches, f))]
-    download = False
-    if missing:
-        if not download_allowed():
-            raise DatasetError(
-                f"cifar10: missing {', '.join(missing)} in {batches}; unpack "
-                f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into {folder}, or set "
-                f"DEQLAB_ALLOW_DOWNLOAD=1 to let torchvision download it")
-        download = True
+    download = bool(missing) and download_or_fail(
+        f"cifar10: missing {', '.join(missing)} in {batches}; unpack "
+        f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into {folder}, or set "
+        f"DEQLAB_ALLOW_DOWNLOAD=1 to let torchvision download it")
     tf = _small_image_transforms(cfg, 32, 4, CIFAR_MEAN, CIFAR_STD, augment)
     try:
         return LenientCIFAR10(folder, train=(split == "train"), transform=tf,
