@@ -12,7 +12,8 @@ setup(
     packages=["deqlab", *subpackages],
     install_requires=open("requirements.txt").read().split(),
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.7"],
         "bench": ["torchdeq==0.1.0"],
+        "plot": ["matplotlib>=3.7"],
     },
 )

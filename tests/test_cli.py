@@ -6,9 +6,11 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from deqlab.config import load_config
 from deqlab.models import build_model
+from deqlab.utils.sweep import load_series
 
 from conftest import REPO
 
@@ -49,6 +51,18 @@ def test_torchrun_trains_and_cls_valid_appends_csv_rows(trained):
     rows = list(csv.DictReader(csv_path.open()))
     assert [int(r["f_thres"]) for r in rows] == [2, 8] and all(int(r["count"]) == 16 for r in rows)
     assert float(rows[0]["fwd_steps"]) <= 2 < float(rows[1]["fwd_steps"])
+    proc = run([sys.executable, str(REPO / "tools/plot_sweep.py"), str(csv_path)], tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Image.open(tmp / "sweep.png").size == (1200, 480)
+
+
+def test_plot_sweep_reads_series_and_rejects_other_csvs(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text("checkpoint,f_thres,perf,fwd_residual\na.pth,8,90.0,0.02\na.pth,2,50.0,0.7\nb.pth,4,80,0.1\n")
+    assert load_series(path) == {"a.pth": [(2, 50.0, 0.7), (8, 90.0, 0.02)], "b.pth": [(4, 80.0, 0.1)]}
+    path.write_text("config,top1\nx.yaml,90\n")
+    with pytest.raises(ValueError, match=r"s\.csv:2: expected a cls_valid\.py --results_name row"):
+        load_series(path)
 
 
 def test_the_deprecated_launcher_passes_local_rank_and_works(tiny_run):

@@ -1,0 +1,1 @@
+"""Small utilities: process-group bookkeeping (``dist``) and reading solver-sweep results (``sweep``)."""
