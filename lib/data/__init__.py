@@ -1,7 +1,8 @@
 """Datasets and loaders keyed by ``cfg.DATASET.DATASET``.
 
 ``build_dataset(cfg, split)`` returns a torch Dataset; ``build_loader(cfg, split)`` wraps it in a DataLoader
-(a seeded shuffle, or a ``DistributedSampler`` whose ``set_epoch`` the caller calls every epoch).
+(the train split always through a seeded ``DistributedSampler``, whose ``set_epoch`` the caller calls every
+epoch; the test split sharded over ranks without padding).
 
 Where the files live: ``dataset_dir(cfg)`` is ``<DATA_DIR>/<DATASET.ROOT>/<name>`` (``DATA_DIR`` only
 prefixes a relative ROOT), except that a ROOT already ending in the dataset's folder name is used as is, so
