@@ -6,12 +6,16 @@
 Each (mode, F_THRES) runs in a fresh process so that memory peaks do not mix. The forward tolerance is set
 to 0 so every solve spends its whole budget: otherwise an early stop would hide how memory scales.
 Memory is reported two ways: the bytes autograd saves for backward during one step (exact, what the
-gradient mode decides) and the step's peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS above the
-RSS before the first step, which includes transient buffers such as the backward solve's).
+gradient mode decides) and the step's peak memory, the largest over the timed steps (CUDA:
+``max_memory_allocated`` above the memory allocated before; CPU (Linux): the resident high-water mark above
+the RSS before the step, after returning freed heap to the OS with ``malloc_trim`` and resetting the mark
+through ``/proc/self/clear_refs``, so that allocator leftovers from earlier steps do not count). It includes
+transient buffers: the solvers' workspaces, the backward solve, the gradients.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import resource
 import statistics
@@ -30,6 +34,20 @@ MODES = ("ift", "phantom", "unrolled")
 def rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def reset_cpu_peak() -> float:
+    """Release freed heap, reset the resident high-water mark and return the RSS now (MB)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return rss_mb()
+
+
+def cpu_peak_mb() -> float:
+    """The resident high-water mark since the last reset (MB)."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) / 1024
 
 
 def measure(mode: str, f_thres: int, batch: int, steps: int, device: str, f_solver: str) -> dict:
@@ -64,23 +82,22 @@ def measure(mode: str, f_thres: int, batch: int, steps: int, device: str, f_solv
         optimizer.step()
         return info
 
-    base_rss = rss_mb()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_cuda = torch.cuda.memory_allocated()
     info = step(record=True)  # warm-up; also records what autograd saves
-    times = []
+    times, peaks = [], []
     for _ in range(steps):
         if dev.type == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated() / 2**20
+        else:
+            base = reset_cpu_peak()
         start = time.perf_counter()
         info = step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = ((torch.cuda.max_memory_allocated() - base_cuda) / 2**20 if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss)
+        peaks.append((torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else cpu_peak_mb()) - base)
+    peak = max(peaks)
     return {"mode": mode, "f_solver": f_solver, "f_thres": f_thres, "batch": batch, "device": device,
             "step_s": statistics.median(times), "images_per_s": batch / statistics.median(times),
             "fwd_steps": info["fwd"]["nstep"], "bwd_steps": info["bwd"].get("nstep", 0),
