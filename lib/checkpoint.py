@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from deqlab.errors import CheckpointError
+from deqlab.utils.files import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +30,8 @@ PathLike = str | os.PathLike
 
 def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(dict(state), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as fh:
+        torch.save(dict(state), fh)
 
 
 def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") -> Any:
@@ -51,14 +41,12 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
         raise CheckpointError(f"checkpoint {path} not found")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err) and "Unsupported global" in str(err):
+    except Exception as err:  # the unpickler fails in many ways on a damaged file
+        if (isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err)
+                and "Unsupported global" in str(err)):
             raise CheckpointError(
                 f"checkpoint {path} holds Python objects that weights-only loading refuses; if you trust the "
                 f"file, load it with deqlab.checkpoint.load_legacy_pickle") from None
-        raise CheckpointError(f"checkpoint {path} is not a readable checkpoint (corrupt or truncated?): "
-                              f"{' '.join(str(err).split())[:200]}") from None
-    except Exception as err:  # the unpickler fails in many ways on a damaged file
         raise CheckpointError(f"checkpoint {path} is not a readable checkpoint (corrupt or truncated?): "
                               f"{' '.join(str(err).split())[:200]}") from None
 
@@ -117,9 +105,9 @@ def load_weights(model: nn.Module, path: PathLike, strict: bool = True,
         log.info("%s: dropped %d alias/loss entries (%s)", path, len(dropped),
                  ", ".join(sorted({n.split(".")[0] + "." for n in dropped})))
     own = model.state_dict()
-    excluded = [k for k in state if k.startswith(exclude)] if exclude else []
-    state = {k: v for k, v in state.items() if k not in excluded}
-    missing = [k for k in own if k not in state and not k.startswith(exclude or ("\0",))]
+    excluded = [k for k in state if k.startswith(exclude)]  # str.startswith(()) is False
+    state = {k: v for k, v in state.items() if not k.startswith(exclude)}
+    missing = [k for k in own if k not in state and not k.startswith(exclude)]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in state if k in own and state[k].shape != own[k].shape]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import tempfile
 import warnings
 from ast import literal_eval
 from pathlib import Path
@@ -20,6 +19,7 @@ from yacs.config import CfgNode
 
 from deqlab.config.defaults import DEFAULTS
 from deqlab.errors import ConfigError
+from deqlab.utils.files import atomic_open
 
 LEGACY_RENAMES = {  # v1 (locuslab/mdeq) key -> this layout
     "MODEL.F_THRES": "DEQ.F_THRES",
@@ -127,9 +127,5 @@ def config_name(path: str | os.PathLike) -> str:
 
 def dump_config(cfg: CfgNode, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically (it can be passed back to ``--cfg``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
+    with atomic_open(path, "w") as fh:
         fh.write(cfg.dump())
-    os.replace(tmp, path)

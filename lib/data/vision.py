@@ -9,11 +9,11 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import tempfile
 
 from torchvision import datasets, transforms
 
 from deqlab.errors import DatasetError
+from deqlab.utils.files import atomic_open
 
 FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -53,17 +53,9 @@ def _resize_if_needed(cfg, native: int) -> list:
 
 # ---------------------------------------------------------------- Fashion-MNIST
 def _gunzip_atomic(src: str, dst: str) -> None:
-    """Decompress ``src`` into ``dst`` via a temp file in the same folder and ``os.replace`` (safe when
-    several ranks extract at once: each writes its own temp file, the last rename wins, all identical)."""
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(dst) + ".", suffix=".tmp", dir=os.path.dirname(dst))
-    try:
-        with os.fdopen(fd, "wb") as out, gzip.open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, length=1 << 20)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Decompress ``src`` into ``dst`` atomically (safe when several ranks extract at once)."""
+    with atomic_open(dst, "wb") as out, gzip.open(src, "rb") as inp:
+        shutil.copyfileobj(inp, out, length=1 << 20)
 
 
 def ensure_fashion_mnist_raw(folder: str) -> bool:

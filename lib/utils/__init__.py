@@ -1,1 +1,1 @@
-"""Small utilities: process-group bookkeeping (``dist``) and reading solver-sweep results (``sweep``)."""
+"""Small utilities: process groups (``dist``), atomic writes (``files``), solver-sweep results (``sweep``)."""
