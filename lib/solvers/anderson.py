@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from deqlab.solvers.common import History, Tracker, check_args, flatten_cell
+from deqlab.solvers.common import Tracker, check_args, flatten_cell
 
 
 def _mixing_weights(gram: Tensor, lam: float) -> Tensor:
@@ -84,16 +84,16 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol:
 def _anderson_tracked(f: Callable[[Tensor], Tensor], x: Tensor, tracker: Tracker, max_iter: int, m: int,
                       beta: float, lam: float, shape: torch.Size) -> tuple[Tensor, dict[str, Any]]:
     """The grad-enabled path: every update out of place (histories as lists), so autograd sees the whole solve."""
-    xs, gs = History(x, m), History(x, m)
+    xs: list[Tensor] = []
+    gs: list[Tensor] = []
     for _ in range(max_iter):
         fx = f(x)
         g = fx - x
         if tracker.update(x, fx, g):
             break
-        xs.append(x)
-        gs.append(g)
-        G = gs.stacked()
+        xs, gs = (xs + [x])[-m:], (gs + [g])[-m:]  # new lists: nothing autograd saved is modified
+        G = torch.stack(gs, dim=1)  # (B, n, N)
         gram = torch.bmm(G, G.transpose(1, 2)).double()
         alpha = _mixing_weights(gram, lam).to(x.dtype).unsqueeze(1)  # (B, 1, n)
-        x = torch.bmm(alpha, xs.stacked()).squeeze(1) + beta * torch.bmm(alpha, G).squeeze(1)
+        x = torch.bmm(alpha, torch.stack(xs, dim=1)).squeeze(1) + beta * torch.bmm(alpha, G).squeeze(1)
     return tracker.result(shape)

@@ -5,9 +5,10 @@ sample is under ``tol`` in ``stop_mode``, when f produces a non-finite value, or
 evaluations. Each f evaluation measures the residual of the iterate it was applied to, so the solver returns,
 per sample, the *iterate* (not its image) with the lowest residual seen.
 
-Host syncs: one per step, which brings the per-sample residuals to the host for the stop test, the non-finite
-check and the best-iterate bookkeeping. Traces stay on the device until the end. Under ``torch.no_grad()`` buffers are updated in place; with grad enabled (the ``unrolled``
-gradient mode) every update is out of place so autograd can backprop through the whole solve.
+Host syncs: one per step, which brings the per-sample residuals to the host for the stop test, the
+non-finite check and the best-iterate bookkeeping. Traces stay on the device until the end. Under
+``torch.no_grad()`` buffers are updated in place; with grad enabled (the ``unrolled`` gradient mode) every
+update is out of place so autograd can backprop through the whole solve.
 """
 from __future__ import annotations
 
@@ -117,31 +118,3 @@ class Tracker:
         }
         best = self.best_z if self.held is None else self.held
         return best.reshape(shape), stats
-
-
-class History:
-    """The last ``size`` rows of a (B, ·, N) history: a ring buffer under no_grad, a list with grad enabled."""
-
-    def __init__(self, like: Tensor, size: int) -> None:
-        self.size = size
-        self.count = 0  # rows written so far
-        self.tracked = torch.is_grad_enabled()
-        self.rows: list[Tensor] = []
-        self.buffer = None if self.tracked else like.new_empty(like.shape[0], size, like.shape[1])
-
-    def append(self, row: Tensor) -> int:
-        """Add a (B, N) row, dropping the oldest once full; return the slot it went to."""
-        slot = self.count % self.size
-        if self.tracked:  # rebind the list entry: nothing autograd saved is modified in place
-            self.rows = self.rows[:slot] + [row] + self.rows[slot + 1:]
-        else:
-            self.buffer[:, slot] = row
-        self.count += 1
-        return slot
-
-    def __len__(self) -> int:
-        return min(self.count, self.size)
-
-    def stacked(self) -> Tensor:
-        """(B, len, N) tensor of the rows held, in slot (ring) order."""
-        return torch.stack(self.rows, dim=1) if self.tracked else self.buffer[:, : len(self)]
