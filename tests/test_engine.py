@@ -97,12 +97,13 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batches(tiny_run
 
 
 @pytest.mark.parametrize("name, expected_at", [("cosine", {0: 1.0, 5: 0.5, 10: 0.0}),
+                                               ("poly", {0: 1.0, 5: 0.5 ** 0.9, 10: 0.0}),
                                                ("step", {0: 1.0, 3: 0.1, 6: 0.01, 9: 0.01})])
 def test_schedules_are_stepped_per_iteration(name, expected_at):
     cfg = load_config(None, ["TRAIN.LR_SCHEDULER", name, "TRAIN.END_EPOCH", "5", "TRAIN.LR_STEP", "[3, 6]",
                              "TRAIN.LR", "1.0", "TRAIN.OPTIMIZER", "sgd"])
     optimizer = build_optimizer(cfg, torch.nn.Linear(1, 1))
-    scheduler = build_scheduler(cfg, optimizer, iters_per_epoch=2 if name == "cosine" else 1)
+    scheduler = build_scheduler(cfg, optimizer, iters_per_epoch=1 if name == "step" else 2)
     seen = {}
     for it in range(11):
         seen[it] = optimizer.param_groups[0]["lr"]

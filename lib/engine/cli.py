@@ -22,6 +22,8 @@ def tool_parser(description: str) -> argparse.ArgumentParser:
     # sets LOCAL_RANK, which is what deqlab reads.
     parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
                         help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="same as SEED N; the run's files then carry the seed (final_state_seedN.pth.tar)")
     for flag, key in LEGACY_FLAGS.items():
         parser.add_argument(flag, dest=flag.lstrip("-"), default=None, help=f"same as {key} (locuslab/mdeq flag)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
@@ -29,13 +31,19 @@ def tool_parser(description: str) -> argparse.ArgumentParser:
 
 
 def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> tuple[argparse.Namespace, CfgNode]:
-    """Parse the command line and load the config it names, with its overrides."""
+    """Parse the command line and load the config it names, with its overrides.
+
+    ``args.seed_explicit`` says whether the command line chose the seed (``--seed N`` or ``SEED N``): such a
+    run's files are keyed by the seed, so several seeds can share an OUTPUT_DIR.
+    """
     args = parser.parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     flags = [item for flag, key in LEGACY_FLAGS.items() if getattr(args, flag.lstrip("-")) is not None
              for item in (key, getattr(args, flag.lstrip("-")))]
-    return args, load_config(args.cfg, flags + list(args.opts))
+    seed = ["SEED", str(args.seed)] if args.seed is not None else []
+    args.seed_explicit = bool(seed) or "SEED" in args.opts[::2]
+    return args, load_config(args.cfg, flags + list(args.opts) + seed)
 
 
 def run_tool(main: Callable[[], object]) -> None:

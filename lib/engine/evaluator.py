@@ -1,12 +1,12 @@
-"""Evaluation: top-1/top-5 accuracy, loss and the forward solver's steps and residuals, summed over ranks."""
+"""Evaluation for any task: the task's metrics, its loss and the forward solver's steps and residuals,
+summed over ranks."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -28,23 +28,27 @@ def solver_summary(stats: dict | None) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, cfg: Any, device: torch.device,
-             f_thres: int | None = None, desc: str = "valid") -> dict[str, float]:
-    """Metrics of ``model`` in eval mode (the DEQ solved to equilibrium) over every rank's shard."""
+def evaluate(task: Any, model: nn.Module, loader: DataLoader, device: torch.device, f_thres: int | None = None,
+             desc: str = "valid", on_batch: Callable[[int, Tensor], None] | None = None) -> dict[str, Any]:
+    """``task``'s metrics of ``model`` in eval mode (the DEQ solved to equilibrium) over every rank's shard,
+    plus ``loss``, ``fwd_steps``, ``fwd_residual`` (means per sample) and ``count``. ``on_batch(i, output)``
+    sees every batch's output (e.g. to save predictions)."""
     model.eval()
-    sums = torch.zeros(6, dtype=torch.float64)  # loss, top1, top5, count, steps·n, residual·n
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not is_main_process(), dynamic_ncols=True):
+    meter = task.new_meter(device)
+    sums = torch.zeros(4, dtype=torch.float64)  # loss·n, n, steps·n, residual·n
+    for i, (x, y) in enumerate(tqdm(loader, desc=desc, leave=False, disable=not is_main_process(),
+                                    dynamic_ncols=True)):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast_context(cfg, device):
-            logits, info = model(x, train_step=-1, f_thres=f_thres)
-        logits = logits.float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        with autocast_context(task.cfg, device):
+            output, info = task.predict(model, x, f_thres)
+        output = output.float()
         steps, residual = solver_summary(info["fwd"])
         n = len(y)
-        sums += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(),
-                              (top5[:, 0] == y).sum().item(), (top5 == y[:, None]).any(dim=1).sum().item(),
-                              n, steps * n, residual * n], dtype=torch.float64)
-    loss, top1, top5, count, steps, residual = all_reduce_sum(sums.to(device)).cpu().tolist()
+        sums += torch.tensor([task.loss(output, y).item() * n, n, steps * n, residual * n], dtype=torch.float64)
+        meter.update(output, y)
+        if on_batch is not None:
+            on_batch(i, output)
+    loss, count, steps, residual = all_reduce_sum(sums.to(device)).cpu().tolist()
     count = max(count, 1.0)
-    return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count,
-            "fwd_steps": steps / count, "fwd_residual": residual / count, "count": int(count)}
+    return {**meter.result(), "loss": loss / count, "fwd_steps": steps / count, "fwd_residual": residual / count,
+            "count": int(count)}

@@ -1,9 +1,8 @@
-"""The classification training loop: one process or several (DDP), resumable, atomic checkpoints.
+"""The training loop of every task: one process or several (DDP), AMP, resumable, atomic checkpoints.
 
-Layout of a run (``run_dir``): ``OUTPUT_DIR/<dataset>/<config name>/`` holds ``config.yaml`` (the resolved
-config), ``train.log``, ``checkpoint.pth`` (everything needed to resume, written after every epoch),
-``model_best.pth`` and ``final_state.pth`` (weights); tensorboard events go to
-``LOG_DIR/<dataset>/<config name>/``. Only rank 0 writes.
+The task (``deqlab.tasks``) supplies the model, loaders, loss and metrics; this file does the rest once.
+A run's files are named in ``deqlab.engine.run_files``: the resolved config, ``train.log``, a resume
+checkpoint written after every epoch, the best and the final weights, tensorboard events. Only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -16,24 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from deqlab.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from deqlab.config import config_name, dump_config
-from deqlab.data import build_loader
+from deqlab.config import dump_config
 from deqlab.engine.evaluator import autocast_context, evaluate, solver_summary
 from deqlab.engine.optim import build_optimizer, build_scheduler
-from deqlab.models import build_model
+from deqlab.engine.run_files import run_files
+from deqlab.tasks import Task, get_task
 from deqlab.utils.dist import DistInfo, barrier, init_distributed
 
 log = logging.getLogger("deqlab")
-
-
-def run_dir(cfg: Any, cfg_path: str | os.PathLike) -> Path:
-    """Where a run of the config at ``cfg_path`` writes its checkpoints."""
-    return Path(cfg.OUTPUT_DIR) / cfg.DATASET.DATASET / config_name(cfg_path)
 
 
 def setup_logging(is_main: bool, log_file: Path | None = None) -> None:
@@ -56,34 +49,47 @@ def jac_loss_weight(cfg: Any, step: int, epoch: int) -> float:
     return cfg.LOSS.JAC_LOSS_WEIGHT + 0.1 * (deq_steps // cfg.LOSS.JAC_INCREMENTAL)
 
 
-class Trainer:
-    """Builds everything from the config; ``fit()`` runs (or resumes) the training."""
+# The engine's own per-step numbers; a task adds its own (accuracy, pixel accuracy) next to them.
+TRAIN_STATS = ("loss", "jac_loss", "fwd_steps", "fwd_residual", "bwd_steps", "bwd_residual", "lr")
 
-    def __init__(self, cfg: Any, cfg_path: str | os.PathLike, dist_info: DistInfo | None = None) -> None:
+
+class Trainer:
+    """Builds everything from the config and the task; ``fit()`` runs (or resumes) the training.
+
+    ``task``: a registered task name (``cls``, ``seg``) or a :class:`deqlab.tasks.Task`. ``keyed_by_seed``:
+    the seed was given explicitly, so every file of the run carries it (see ``deqlab.engine.run_files``).
+    """
+
+    def __init__(self, cfg: Any, cfg_path: str | os.PathLike, dist_info: DistInfo | None = None,
+                 task: str | Task = "cls", keyed_by_seed: bool = False) -> None:
         self.cfg = cfg
+        self.task = get_task(task, cfg) if isinstance(task, str) else task
         self.dist = dist_info or init_distributed(cfg.DEVICE)
         self.device = self.dist.device
-        self.out_dir = run_dir(cfg, cfg_path)
-        self.tb_dir = Path(cfg.LOG_DIR) / cfg.DATASET.DATASET / config_name(cfg_path)
+        self.files = run_files(cfg, cfg_path, keyed_by_seed)
+        self.out_dir, self.tb_dir = self.files.out_dir, self.files.tb_dir
         torch.backends.cudnn.benchmark = cfg.CUDNN.BENCHMARK
         torch.backends.cudnn.deterministic = cfg.CUDNN.DETERMINISTIC
         torch.backends.cudnn.enabled = cfg.CUDNN.ENABLED
 
         torch.manual_seed(cfg.SEED)  # identical initial weights on every rank
-        self.model = build_model(cfg).to(self.device)
+        self.model = self.task.build_model().to(self.device)
         if cfg.MODEL.PRETRAINED:
-            load_weights(self.model, cfg.MODEL.PRETRAINED, strict=False, exclude=("classifier.",))
+            load_weights(self.model, cfg.MODEL.PRETRAINED, strict=False, exclude=self.task.pretrained_exclude)
         if cfg.TRAIN.MODEL_FILE:
             load_weights(self.model, cfg.TRAIN.MODEL_FILE)
         self.net: nn.Module = self.model
         if self.dist.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            on_gpu = self.device.type == "cuda"
+            if on_gpu and self.task.sync_batchnorm:  # SyncBatchNorm has no CPU (gloo) implementation
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if on_gpu
+                                                           else None)
         torch.manual_seed(cfg.SEED + self.dist.rank)  # dropout masks and augmentation differ per rank
         random.seed(cfg.SEED + self.dist.rank)
 
-        self.train_loader = build_loader(cfg, "train", distributed=self.dist.distributed)
-        self.test_loader = build_loader(cfg, "test", distributed=self.dist.distributed)
+        self.train_loader = self.task.build_loader("train", distributed=self.dist.distributed)
+        self.test_loader = self.task.build_loader("test", distributed=self.dist.distributed)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.train_loader))
         fp16 = cfg.AMP.ENABLED and cfg.AMP.DTYPE == "float16" and self.device.type == "cuda"
@@ -91,7 +97,7 @@ class Trainer:
         self.epoch, self.step, self.best = cfg.TRAIN.BEGIN_EPOCH, 0, 0.0
         self.writer = None
         if self.dist.is_main:  # written only once the config, weights and data have all been accepted
-            dump_config(cfg, self.out_dir / "config.yaml")
+            dump_config(cfg, self.files.config)
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(str(self.tb_dir))
 
@@ -117,14 +123,17 @@ class Trainer:
             random.setstate((3, tuple(state["rng"]["python"]), None))
             if state["rng"].get("cuda") is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        log.info("resumed from %s at epoch %d (step %d, best top-1 %.2f)", path, self.epoch, self.step, self.best)
+        log.info("resumed from %s at epoch %d (step %d, best %s %.4g)", path, self.epoch, self.step,
+                 self.task.best_metric, self.best)
 
-    def save_weights(self, name: str, metrics: dict[str, float]) -> None:
-        save_checkpoint(self.out_dir / name, {"model": self.model.state_dict(), "epoch": self.epoch,
-                                              "metrics": metrics, "config": self.cfg.dump()})
+    def save_weights(self, path: Path, metrics: dict[str, Any]) -> None:
+        save_checkpoint(path, {"model": self.model.state_dict(), "epoch": self.epoch,
+                               "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                               "config": self.cfg.dump()})
 
     # ---- training ----------------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on the batch ``(x, y)``; returns the numbers the progress bar and tensorboard show."""
         cfg = self.cfg
         factor = jac_loss_weight(cfg, self.step, self.epoch)
         compute_jac = factor > 0 and torch.rand([]).item() < cfg.LOSS.JAC_LOSS_FREQ
@@ -132,8 +141,8 @@ class Trainer:
         # As in the original: when the Jacobian term is on, the forward budget jitters by -delta..+1.
         f_thres = cfg.DEQ.F_THRES + (torch.randint(-delta, 2, []).item() if delta > 0 and compute_jac else 0)
         with autocast_context(cfg, self.device):
-            logits, info = self.net(x, train_step=self.step, compute_jac_loss=compute_jac, f_thres=f_thres)
-            loss = F.cross_entropy(logits.float(), y)
+            output, info = self.net(x, train_step=self.step, compute_jac_loss=compute_jac, f_thres=f_thres)
+            loss = self.task.loss(output, y)
         total = loss + factor * info["jac_loss"] if info["jac_loss"] is not None else loss
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
@@ -146,7 +155,7 @@ class Trainer:
         self.step += 1
         fwd_steps, fwd_res = solver_summary(info["fwd"])
         bwd_steps, bwd_res = solver_summary(info["bwd"])
-        return {"loss": loss.item(), "acc": 100 * (logits.argmax(1) == y).float().mean().item(),
+        return {"loss": loss.item(), **self.task.train_stats(output.detach(), y),
                 "jac_loss": info["jac_loss"].item() if info["jac_loss"] is not None else 0.0,
                 "fwd_steps": fwd_steps, "fwd_residual": fwd_res, "bwd_steps": bwd_steps,
                 "bwd_residual": bwd_res, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -161,8 +170,9 @@ class Trainer:
             stats = self.train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{totals['loss'] / i:.3f}", acc=f"{totals['acc'] / i:.1f}",
-                            nfe=f"{stats['fwd_steps']:.0f}", lr=f"{stats['lr']:.2e}")
+            task_stats = {k: f"{totals[k] / i:.1f}" for k in stats if k not in TRAIN_STATS}
+            bar.set_postfix(loss=f"{totals['loss'] / i:.3f}", **task_stats, nfe=f"{stats['fwd_steps']:.0f}",
+                            lr=f"{stats['lr']:.2e}")
             if self.writer is not None and self.step % self.cfg.PRINT_FREQ == 0:
                 for k, v in stats.items():
                     self.writer.add_scalar(f"train/{k}", v, self.step)
@@ -170,7 +180,7 @@ class Trainer:
 
     def fit(self, stop_after: int | None = None) -> dict[str, float]:
         """Train until ``TRAIN.END_EPOCH`` (or ``stop_after`` more epochs); return the last validation metrics."""
-        ckpt = self.out_dir / "checkpoint.pth"
+        ckpt = self.files.checkpoint
         if self.cfg.TRAIN.RESUME and ckpt.is_file():
             self.resume(ckpt)
         elif self.cfg.TRAIN.RESUME:
@@ -181,24 +191,26 @@ class Trainer:
         while self.epoch < end:
             start = time.time()
             train = self.train_epoch()
-            metrics = evaluate(self.net, self.test_loader, self.cfg, self.device)
+            metrics = evaluate(self.task, self.net, self.test_loader, self.device)
             self.epoch += 1
-            log.info("epoch %d/%d  train loss %.4f acc %.2f  |  test loss %.4f top-1 %.2f top-5 %.2f  |  "
-                     "solver steps %.1f residual %.2e  |  %.0fs", self.epoch, self.cfg.TRAIN.END_EPOCH,
-                     train["loss"], train["acc"], metrics["loss"], metrics["top1"], metrics["top5"],
+            train_text = " ".join(f"{k} {v:.4g}" for k, v in train.items() if k not in TRAIN_STATS or k == "loss")
+            log.info("epoch %d/%d  train %s  |  test %s  |  solver steps %.1f residual %.2e  |  %.0fs",
+                     self.epoch, self.cfg.TRAIN.END_EPOCH, train_text, self.task.describe(metrics),
                      metrics["fwd_steps"], metrics["fwd_residual"], time.time() - start)
             if self.dist.is_main:
                 for k, v in metrics.items():
-                    self.writer.add_scalar(f"valid/{k}", v, self.epoch)
-                improved = metrics["top1"] > self.best
-                self.best = max(self.best, metrics["top1"])
+                    if isinstance(v, (int, float)):
+                        self.writer.add_scalar(f"valid/{k}", v, self.epoch)
+                score = metrics[self.task.best_metric]
+                improved = score > self.best
+                self.best = max(self.best, score)
                 save_checkpoint(ckpt, self.state())
                 if improved:
-                    self.save_weights("model_best.pth", metrics)
+                    self.save_weights(self.files.best, metrics)
             barrier()
         if self.dist.is_main and self.epoch >= self.cfg.TRAIN.END_EPOCH:
-            self.save_weights("final_state.pth", metrics)
-            log.info("done: %s (best top-1 %.2f)", self.out_dir / "final_state.pth", self.best)
+            self.save_weights(self.files.final, metrics)
+            log.info("done: %s (best %s %.4g)", self.files.final, self.task.best_metric, self.best)
         if self.writer is not None:
             self.writer.close()
         return metrics

@@ -1,4 +1,4 @@
-"""Model registry: ``build_model(cfg)`` picks the class named by ``cfg.MODEL.NAME``."""
+"""Model registry: ``build_model(cfg, task)`` picks the ``task`` model named by ``cfg.MODEL.NAME``."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -7,18 +7,26 @@ from torch import nn
 
 from deqlab.errors import ConfigError
 from deqlab.models.mdeq_cls import MDEQClassifier
+from deqlab.models.mdeq_seg import MDEQSegNet
 
-MODELS: dict[str, Callable[[Any], nn.Module]] = {"mdeq": MDEQClassifier}
+# task -> MODEL.NAME -> builder. The original YAMLs call both the classifier and the segmenter "mdeq",
+# so the task (chosen by the tool: cls_train.py, seg_train.py, ...) picks the table.
+MODELS: dict[str, dict[str, Callable[[Any], nn.Module]]] = {
+    "cls": {"mdeq": MDEQClassifier},
+    "seg": {"mdeq": MDEQSegNet},
+}
 
 
-def register_model(name: str, builder: Callable[[Any], nn.Module]) -> None:
-    """Make ``MODEL.NAME: name`` build ``builder(cfg)``."""
-    MODELS[name] = builder
+def register_model(name: str, builder: Callable[[Any], nn.Module], task: str = "cls") -> None:
+    """Make ``MODEL.NAME: name`` build ``builder(cfg)`` for ``task``."""
+    MODELS.setdefault(task, {})[name] = builder
 
 
-def build_model(cfg: Any) -> nn.Module:
-    """Build the model named by ``cfg.MODEL.NAME`` from the config."""
-    name = cfg.MODEL.NAME
-    if name not in MODELS:
-        raise ConfigError(f"MODEL.NAME: unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
-    return MODELS[name](cfg)
+def build_model(cfg: Any, task: str = "cls") -> nn.Module:
+    """Build the ``task`` model named by ``cfg.MODEL.NAME`` from the config."""
+    if task not in MODELS:
+        raise ValueError(f"unknown model task {task!r}; known: {', '.join(sorted(MODELS))}")
+    name, known = cfg.MODEL.NAME, MODELS[task]
+    if name not in known:
+        raise ConfigError(f"MODEL.NAME: unknown {task} model {name!r}; known: {', '.join(sorted(known))}")
+    return known[name](cfg)

@@ -1,0 +1,97 @@
+"""The bodies of the train and test tools, written once for every task (``tools/*_train.py`` are thin)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from deqlab.checkpoint import load_weights
+from deqlab.engine.cli import parse_config, tool_parser
+from deqlab.engine.evaluator import evaluate
+from deqlab.engine.trainer import Trainer, setup_logging
+from deqlab.errors import ConfigError
+from deqlab.tasks import get_task
+from deqlab.utils.dist import cleanup, init_distributed
+
+log = logging.getLogger("deqlab")
+
+
+def train_main(task: str, description: str, argv: list[str] | None = None) -> None:
+    """``--cfg FILE [--seed N] [KEY VALUE ...]``: train ``task`` on one process or under torchrun."""
+    args, cfg = parse_config(tool_parser(description), argv)
+    dist_info = init_distributed(cfg.DEVICE)
+    setup_logging(dist_info.is_main)
+    try:
+        trainer = Trainer(cfg, args.cfg, dist_info, task=task, keyed_by_seed=args.seed_explicit)
+        setup_logging(dist_info.is_main, trainer.files.log)
+        trainer.fit()
+    finally:
+        cleanup()
+
+
+def append_results_row(path: str | Path, row: dict[str, Any]) -> None:
+    """Append ``row`` to the CSV at ``path`` (header written once; an existing file keeps its columns)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(row)
+    if path.is_file() and path.stat().st_size:
+        with path.open(newline="") as fh:
+            fields = next(csv.reader(fh), fields)
+    new = not path.is_file() or not path.stat().st_size
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+BatchHook = Callable[[argparse.Namespace, Any, Any], Callable[[int, torch.Tensor], None] | None]
+
+
+def test_main(task: str, description: str, argv: list[str] | None = None,
+              add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+              batch_hook: BatchHook | None = None) -> dict[str, Any]:
+    """Evaluate ``TEST.MODEL_FILE`` with the task's full test-time procedure; ``--results_name FILE.csv``
+    appends one row (config, checkpoint, seed, solver budget, metrics), e.g. for a test-time F_THRES sweep.
+    ``batch_hook(args, cfg, loader)`` may return a per-batch callback (e.g. to save predictions)."""
+    parser = tool_parser(description)
+    parser.add_argument("--results_name", default="", help="CSV file to append this evaluation's row to")
+    parser.add_argument("--use_loss_as_perf", action="store_true", help="report the loss as the performance")
+    parser.add_argument("--valid_on_train", action="store_true", help="evaluate on the (unaugmented) train split")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args, cfg = parse_config(parser, argv)
+    if not cfg.TEST.MODEL_FILE:
+        raise ConfigError("TEST.MODEL_FILE is empty: pass the checkpoint to evaluate, e.g. TEST.MODEL_FILE "
+                          "output/<dataset>/<config name>/final_state.pth")
+    the_task = get_task(task, cfg, full_test=True)
+    dist_info = init_distributed(cfg.DEVICE)
+    setup_logging(dist_info.is_main)
+    split = "train" if args.valid_on_train else "test"
+    try:
+        torch.manual_seed(cfg.SEED)
+        model = the_task.build_model().to(dist_info.device)
+        load_weights(model, cfg.TEST.MODEL_FILE)
+        loader = the_task.build_loader(split, distributed=dist_info.distributed, augment=False)
+        on_batch = batch_hook(args, cfg, loader) if batch_hook is not None else None
+        metrics = evaluate(the_task, model, loader, dist_info.device, f_thres=cfg.DEQ.F_THRES, desc="test",
+                           on_batch=on_batch)
+    finally:
+        cleanup()
+    if not dist_info.is_main:
+        return metrics
+    perf = metrics["loss"] if args.use_loss_as_perf else metrics[the_task.best_metric]
+    log.info("%s on %s (%d samples), F_THRES %d: %s  solver steps %.1f  residual %.2e", cfg.TEST.MODEL_FILE,
+             split, metrics["count"], cfg.DEQ.F_THRES, the_task.describe(metrics), metrics["fwd_steps"],
+             metrics["fwd_residual"])
+    print(f"{split} {'loss' if args.use_loss_as_perf else the_task.perf_label}: {perf:.4f}")
+    if args.results_name:
+        append_results_row(args.results_name, {
+            "config": args.cfg, "checkpoint": cfg.TEST.MODEL_FILE, "split": split, "seed": cfg.SEED,
+            "f_solver": cfg.DEQ.F_SOLVER, "f_thres": cfg.DEQ.F_THRES, "f_eps": cfg.DEQ.F_EPS, "perf": perf,
+            **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+    return metrics

@@ -1,0 +1,74 @@
+"""What a task supplies to the engine: its model, loaders, loss and metrics.
+
+The engine (``deqlab.engine``) owns everything written once: the training loop, evaluation, DDP, AMP,
+checkpoints and resume, tensorboard, progress bars and error handling. A task is the part that differs
+between classification, segmentation and language modelling; it never sees the optimizer or the files.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from deqlab.data import build_loader
+from deqlab.models import build_model
+from deqlab.utils.dist import all_reduce_sum
+
+
+class Meter:
+    """Running sums of a metric over batches (``update``), summed over ranks and turned into numbers
+    (``result``). Subclasses say how many sums they keep and what they mean."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.sums = torch.zeros(size, dtype=torch.float64, device=device)
+
+    def update(self, output: Tensor, target: Tensor) -> None:
+        raise NotImplementedError
+
+    def compute(self, sums: Tensor) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def result(self) -> dict[str, Any]:
+        """The metrics over every rank's batches."""
+        return self.compute(all_reduce_sum(self.sums).cpu())
+
+
+class Task:
+    """The base task: a model from ``build_model(cfg, task=name)``, loaders from ``build_loader``."""
+
+    name = ""
+    best_metric = ""                           # evaluation metric that picks model_best (higher is better)
+    perf_label = ""                            # how the test tools print it
+    pretrained_exclude: tuple[str, ...] = ()   # MODEL.PRETRAINED never loads tensors under these prefixes
+    sync_batchnorm = False                     # convert BatchNorm to SyncBatchNorm on multi-GPU runs
+
+    def __init__(self, cfg: Any, full_test: bool = False) -> None:
+        self.cfg = cfg
+        self.full_test = full_test  # the test tool's full procedure (e.g. sliding windows), not the quick one
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg, task=self.name)
+
+    def build_loader(self, split: str, distributed: bool, augment: bool | None = None) -> DataLoader:
+        return build_loader(self.cfg, split, distributed=distributed, augment=augment)
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """The training loss of a batch (a scalar)."""
+        raise NotImplementedError
+
+    def train_stats(self, output: Tensor, target: Tensor) -> dict[str, float]:
+        """Cheap per-batch numbers for the progress bar and tensorboard (e.g. accuracy)."""
+        return {}
+
+    def predict(self, model: nn.Module, x: Tensor, f_thres: int | None) -> tuple[Tensor, dict[str, Any]]:
+        """The evaluation forward: the model's output and its ``info`` (solver stats under ``"fwd"``)."""
+        return model(x, train_step=-1, f_thres=f_thres)
+
+    def new_meter(self, device: torch.device) -> Meter:
+        raise NotImplementedError
+
+    def describe(self, metrics: dict[str, Any]) -> str:
+        """One log line's worth of the evaluation metrics."""
+        raise NotImplementedError
