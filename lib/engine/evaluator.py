@@ -10,7 +10,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from deqlab.solvers.common import solver_summary
 from deqlab.utils.dist import all_reduce_sum, is_main_process
+
+__all__ = ["autocast_context", "evaluate", "solver_summary"]
 
 
 def autocast_context(cfg: Any, device: torch.device) -> contextlib.AbstractContextManager:
@@ -18,13 +21,6 @@ def autocast_context(cfg: Any, device: torch.device) -> contextlib.AbstractConte
     if cfg.AMP.ENABLED and device.type == "cuda":
         return torch.autocast("cuda", dtype=getattr(torch, cfg.AMP.DTYPE))
     return contextlib.nullcontext()
-
-
-def solver_summary(stats: dict | None) -> tuple[float, float]:
-    """(f evaluations, mean final relative residual) of one solve; (0, 0) when there was none."""
-    if not stats:
-        return 0.0, 0.0
-    return float(stats["nstep"]), float(stats["rel_lowest"].float().mean())
 
 
 @torch.no_grad()
@@ -40,9 +36,8 @@ def evaluate(task: Any, model: nn.Module, loader: DataLoader, device: torch.devi
                                     dynamic_ncols=True)):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast_context(task.cfg, device):
-            output, info = task.predict(model, x, f_thres)
+            output, (steps, residual) = task.predict(model, x, f_thres)
         output = output.float()
-        steps, residual = solver_summary(info["fwd"])
         n = len(y)
         sums += torch.tensor([task.loss(output, y).item() * n, n, steps * n, residual * n], dtype=torch.float64)
         meter.update(output, y)

@@ -118,3 +118,10 @@ class Tracker:
         }
         best = self.best_z if self.held is None else self.held
         return best.reshape(shape), stats
+
+
+def solver_summary(stats: dict | None) -> tuple[float, float]:
+    """(f evaluations, mean final relative residual) of one solve's stats; (0, 0) when there was none."""
+    if not stats:
+        return 0.0, 0.0
+    return float(stats["nstep"]), float(stats["rel_lowest"].float().mean())

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from deqlab.data import build_loader
+from deqlab.solvers.common import solver_summary
 from deqlab.models import build_model
 from deqlab.utils.dist import all_reduce_sum
 
@@ -62,9 +63,10 @@ class Task:
         """Cheap per-batch numbers for the progress bar and tensorboard (e.g. accuracy)."""
         return {}
 
-    def predict(self, model: nn.Module, x: Tensor, f_thres: int | None) -> tuple[Tensor, dict[str, Any]]:
-        """The evaluation forward: the model's output and its ``info`` (solver stats under ``"fwd"``)."""
-        return model(x, train_step=-1, f_thres=f_thres)
+    def predict(self, model: nn.Module, x: Tensor, f_thres: int | None) -> tuple[Tensor, tuple[float, float]]:
+        """The evaluation forward: the output and (forward solver steps, final relative residual)."""
+        output, info = model(x, train_step=-1, f_thres=f_thres)
+        return output, solver_summary(info["fwd"])
 
     def new_meter(self, device: torch.device) -> Meter:
         raise NotImplementedError
