@@ -43,6 +43,7 @@ _C.MODEL.FUSE_GN_AFFINE = True
 _C.MODEL.POST_GN_AFFINE = True
 _C.MODEL.IMAGE_SIZE = [224, 224]  # width, height of the network input
 _C.MODEL.EXTRA = CN()
+_C.MODEL.EXTRA.FINAL_CONV_KERNEL = 1  # segmentation: kernel of the last conv of the seg head (1 or 3)
 _C.MODEL.EXTRA.FULL_STAGE = CN()
 _C.MODEL.EXTRA.FULL_STAGE.NUM_MODULES = 1
 _C.MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES = 4       # number of resolutions
@@ -74,6 +75,10 @@ _C.LOSS.JAC_LOSS_WEIGHT = 0.0  # its weight once the DEQ phase starts
 _C.LOSS.JAC_INCREMENTAL = 100000000  # add 0.1 to the weight every this many steps
 _C.LOSS.JAC_STOP_EPOCH = 100000000   # no Jacobian loss from this epoch on
 _C.LOSS.PRETRAIN_JAC_LOSS_WEIGHT = 0.0  # its weight during unrolled pretraining
+# Segmentation loss (HRNet-Semantic-Segmentation / locuslab/mdeq names and defaults)
+_C.LOSS.USE_OHEM = False       # online hard example mining on the per-pixel cross entropy
+_C.LOSS.OHEMTHRES = 0.9        # OHEM: pixels whose true-class probability is below this count as hard
+_C.LOSS.OHEMKEEP = 100000      # OHEM: keep at least this many pixels per batch
 
 _C.DATASET = CN()
 _C.DATASET.DATASET = "cifar10"  # cifar10 | fashion_mnist | imagenet
@@ -82,11 +87,13 @@ _C.DATASET.TRAIN_SET = "train"
 _C.DATASET.TEST_SET = "val"
 _C.DATASET.DATA_FORMAT = "jpg"  # imagenet: image files under ROOT/TRAIN_SET/<class>/
 _C.DATASET.AUGMENT = True       # standard augmentation (random crop + flip for CIFAR/ImageNet)
+_C.DATASET.NUM_CLASSES = 19     # segmentation: number of classes (19 Cityscapes trainIds)
+_C.DATASET.LABEL_MAPPING = "cityscapes"  # ours: "cityscapes" (label ids -> trainIds) or "none" (ids as is)
 
 _C.TRAIN = CN()
 _C.TRAIN.OPTIMIZER = "adam"     # adam | sgd
 _C.TRAIN.LR = 0.001
-_C.TRAIN.LR_SCHEDULER = "cosine"  # cosine | step, stepped every iteration
+_C.TRAIN.LR_SCHEDULER = "cosine"  # cosine | step | poly, stepped every iteration
 _C.TRAIN.LR_FACTOR = 0.1        # step schedule: multiply by this at each epoch in LR_STEP
 _C.TRAIN.LR_STEP = [30, 60, 90]
 _C.TRAIN.WD = 0.0
@@ -101,9 +108,22 @@ _C.TRAIN.RESUME = False         # resume from OUTPUT_DIR/.../checkpoint.pth if i
 _C.TRAIN.MODEL_FILE = ""        # full weights to start training from (all tensors must match)
 _C.TRAIN.BATCH_SIZE_PER_GPU = 32
 _C.TRAIN.SHUFFLE = True
+# Segmentation training (HRNet-Semantic-Segmentation / locuslab/mdeq names and defaults)
+_C.TRAIN.IMAGE_SIZE = [1024, 512]  # random crop [width, height]
+_C.TRAIN.BASE_SIZE = 2048       # long side of an image at scale 1.0
+_C.TRAIN.FLIP = True            # random horizontal flip
+_C.TRAIN.MULTI_SCALE = True     # random rescale before cropping
+_C.TRAIN.DOWNSAMPLERATE = 1     # labels are downsampled by this factor
+_C.TRAIN.IGNORE_LABEL = 255     # label value excluded from loss and metrics
+_C.TRAIN.SCALE_FACTOR = 16      # multi-scale: scales drawn from 0.5 + randint(0, SCALE_FACTOR) / 10
 
 _C.TEST = CN()
 _C.TEST.BATCH_SIZE_PER_GPU = 32
 _C.TEST.MODEL_FILE = ""         # full weights to evaluate
+# Segmentation evaluation
+_C.TEST.IMAGE_SIZE = [2048, 1024]  # sliding-window [width, height]
+_C.TEST.BASE_SIZE = 2048        # long side of an image at scale 1.0
+_C.TEST.FLIP_TEST = False       # average with the horizontally flipped prediction
+_C.TEST.MULTI_SCALE = False     # average over several scales
 
 DEFAULTS = _C
