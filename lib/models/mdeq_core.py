@@ -155,13 +155,14 @@ def _stem(in_channels: int, width: int, downsample_times: int) -> nn.Sequential:
     return nn.Sequential(OrderedDict(layers))
 
 
-def _check_resolutions(image_size: list[int], downsample_times: int, num_branches: int) -> None:
+def check_resolutions(image_size: list[int], downsample_times: int, num_branches: int,
+                      key: str = "MODEL.IMAGE_SIZE") -> None:
     """Each branch halves the resolution and fusion upsamples by powers of 2, so sizes must divide evenly."""
     for size in image_size:
         for _ in range(downsample_times):
             size = (size + 1) // 2
         if size % 2 ** (num_branches - 1):
-            raise ConfigError(f"MODEL.IMAGE_SIZE {list(image_size)} gives {size}x{size} features after "
+            raise ConfigError(f"{key} {list(image_size)} gives {size}x{size} features after "
                               f"MODEL.DOWNSAMPLE_TIMES {downsample_times}, not divisible by 2^(NUM_BRANCHES - 1) = "
                               f"{2 ** (num_branches - 1)}; change IMAGE_SIZE or DOWNSAMPLE_TIMES")
 
@@ -177,7 +178,7 @@ class MDEQBackbone(nn.Module):
         self.pretrain_steps = cfg.TRAIN.PRETRAIN_STEPS
         self.all_unrolled = cfg.TRAIN.ALL_UNROLLED
         self.spectral_radius_mode = cfg.DEQ.SPECTRAL_RADIUS_MODE
-        _check_resolutions(m.IMAGE_SIZE, m.DOWNSAMPLE_TIMES, stage.NUM_BRANCHES)
+        check_resolutions(m.IMAGE_SIZE, m.DOWNSAMPLE_TIMES, stage.NUM_BRANCHES)
         width = self.num_channels[0]
         self.downsample = _stem(in_channels, width, m.DOWNSAMPLE_TIMES)
         # The original reuses the stem as the injection when it is shallow enough; else a 1x1 conv-BN-ReLU.
