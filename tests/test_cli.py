@@ -10,7 +10,7 @@ from PIL import Image
 
 from deqlab.config import load_config
 from deqlab.models import build_model
-from deqlab.utils.sweep import load_series
+from deqlab.utils.sweep import group_sweep, method_labels, read_rows
 
 from conftest import REPO
 
@@ -56,13 +56,56 @@ def test_torchrun_trains_and_cls_valid_appends_csv_rows(trained):
     assert Image.open(tmp / "sweep.png").size == (1200, 480)
 
 
-def test_plot_sweep_reads_series_and_rejects_other_csvs(tmp_path):
-    path = tmp_path / "s.csv"
-    path.write_text("checkpoint,f_thres,perf,fwd_residual\na.pth,8,90.0,0.02\na.pth,2,50.0,0.7\nb.pth,4,80,0.1\n")
-    assert load_series(path) == {"a.pth": [(2, 50.0, 0.7), (8, 90.0, 0.02)], "b.pth": [(4, 80.0, 0.1)]}
-    path.write_text("config,top1\nx.yaml,90\n")
-    with pytest.raises(ValueError, match=r"s\.csv:2: expected a cls_valid\.py --results_name row"):
-        load_series(path)
+def stability_csv(path):
+    """Two methods x two seeds x three budgets, as cls_valid writes them (seed 2 of jfb at budget 4 run twice)."""
+    lines = ["config,checkpoint,split,seed,f_solver,f_thres,perf,top1,fwd_residual"]
+    for method, base in (("ift_18", 80.0), ("jfb_18", 60.0)):
+        for seed in (1, 2):
+            for f_thres in (8, 2, 4):
+                perf = base + f_thres + 4 * seed  # seeds 1 and 2: base + f_thres + 4 and + 8
+                lines.append(f"c.yaml,stability/{method}/cifar10/cls_mdeq_TINY/final_state_seed{seed}.pth.tar,"
+                             f"test,{seed},broyden,{f_thres},{perf},{perf},{0.1 * seed / f_thres}")
+    lines.insert(3, "c.yaml,stability/jfb_18/cifar10/cls_mdeq_TINY/final_state_seed2.pth.tar,test,2,broyden,4,0,0,1")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_plot_sweep_groups_rows_by_method_and_seed(tmp_path):
+    path = stability_csv(tmp_path / "s.csv")
+    rows, ylabel = read_rows(path)
+    groups = group_sweep(rows)
+    # evaluated without --seed (the seed column is SEED's default): the file name still tells the seeds apart
+    path.write_text(path.read_text().replace(",test,1,", ",test,0,").replace(",test,2,", ",test,0,"))
+    assert group_sweep(read_rows(path)[0]) == groups
+    assert ylabel == "top-1 accuracy (%)"
+    assert sorted(method_labels(list(groups)).values()) == ["ift_18", "jfb_18"]
+    for method, base in zip(sorted(groups, key=method_labels(list(groups)).get), (80.0, 60.0)):
+        perf, residual = groups[method]["perf"], groups[method]["fwd_residual"]
+        assert [(s.f_thres, s.seeds, s.low, s.high) for s in perf] == [
+            (t, 2, base + t + 4, base + t + 8) for t in (2, 4, 8)]
+        assert [s.mean for s in perf] == pytest.approx([base + t + 6 for t in (2, 4, 8)])
+        assert [s.std for s in perf] == pytest.approx([8 ** 0.5] * 3)  # sample std of {x, x + 4}
+        assert [s.mean for s in residual] == pytest.approx([0.15 / t for t in (2, 4, 8)])
+    one = group_sweep([r for r in rows if r.seed == "1"])
+    assert all(s.seeds == 1 and s.std == 0 and s.low == s.high == s.mean for g in one.values() for s in g["perf"])
+
+
+def test_plot_sweep_draws_cls_and_seg_csvs_and_rejects_other_csvs(tmp_path):
+    plot = [sys.executable, str(REPO / "tools/plot_sweep.py")]
+    proc = run(plot + [str(stability_csv(tmp_path / "s.csv"))], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Image.open(tmp_path / "s.png").size == (1200, 480)
+    seg = tmp_path / "seg.csv"  # seg_test.py's columns; a released checkpoint without a seed in its name
+    seg.write_text("config,checkpoint,split,seed,f_thres,f_eps,perf,miou,pixel_acc,fwd_steps,fwd_residual\n"
+                   "x.yaml,MDEQ_XL_Seg.pkl,test,0,2,1e-07,41.5,41.5,80.1,2,0.3\n"
+                   "x.yaml,MDEQ_XL_Seg.pkl,test,0,8,1e-07,70.2,70.2,93.0,8,0.01\n")
+    assert read_rows(seg)[1] == "mIoU (%)"
+    proc = run(plot + [str(seg), "--out", str(tmp_path / "seg_sweep.png")], tmp_path)
+    assert proc.returncode == 0 and (tmp_path / "seg_sweep.png").is_file(), proc.stderr[-3000:]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("checkpoint,f_thres,perf,fwd_residual\na.pth,8,90.0,0.02\na.pth,many,50.0,0.7\n")
+    assert_one_line_error(run(plot + [str(bad)], tmp_path), "bad.csv:3: expected a --results_name row")
+    assert not (tmp_path / "bad.png").exists()
 
 
 def test_the_deprecated_launcher_passes_local_rank_and_works(tiny_run):

@@ -1,18 +1,15 @@
 """Plot a test-time solver sweep: ``python tools/plot_sweep.py sweep.csv [--out sweep.png]``.
 
-Reads the rows ``tools/cls_valid.py --results_name sweep.csv`` appended (one per F_THRES) and draws, per
-checkpoint, the performance and the final forward residual against the solver budget.
+Reads the rows ``tools/cls_valid.py`` or ``tools/seg_test.py`` appended with ``--results_name sweep.csv`` (one
+per call) and draws, per method (checkpoint run, seed taken out of the file name), the performance (top-1,
+mIoU or loss) and the final forward residual against the solver budget ``DEQ.F_THRES``. A method evaluated
+with several seeds is drawn as the mean over seeds with a shaded min–max band.
 """
 import argparse
 import sys
 from pathlib import Path
 
-from deqlab.utils.sweep import load_series
-
-
-def label(checkpoint: str) -> str:
-    """The checkpoint's run folder and file name (``cls_mdeq_TINY/final_state.pth``)."""
-    return "/".join(Path(checkpoint).parts[-2:])
+from deqlab.utils.sweep import group_sweep, method_labels, read_rows
 
 
 def main() -> None:
@@ -24,24 +21,37 @@ def main() -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        series = load_series(args.csv)
+        rows, perf_label = read_rows(args.csv)
     except (ImportError, OSError, ValueError) as err:
         hint = "; pip install -e '.[plot]'" if isinstance(err, ImportError) else ""
         print(f"error: {err}{hint}", file=sys.stderr)
         sys.exit(2)
+    groups = group_sweep(rows)
+    labels = method_labels(list(groups))
     fig, (ax_perf, ax_res) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, points in series.items():
-        steps, perf, residual = zip(*points)
-        ax_perf.plot(steps, perf, marker="o", label=label(name))
-        ax_res.semilogy(steps, residual, marker="o", label=label(name))
-    ax_perf.set(xlabel="forward solver budget (DEQ.F_THRES)", ylabel="performance (top-1 % or loss)")
+    for method, series in groups.items():
+        seeds = max(s.seeds for s in series["perf"])
+        label = labels[method] + (f" ({seeds} seeds)" if seeds > 1 else "")
+        for ax, field in ((ax_perf, "perf"), (ax_res, "fwd_residual")):
+            stats = series[field]
+            budgets = [s.f_thres for s in stats]
+            line, = ax.plot(budgets, [s.mean for s in stats], marker="o", label=label)
+            if seeds > 1:
+                ax.fill_between(budgets, [s.low for s in stats], [s.high for s in stats], color=line.get_color(),
+                                alpha=0.2, linewidth=0)
+    ax_res.set_yscale("log")
+    ax_perf.set(xlabel="forward solver budget (DEQ.F_THRES)", ylabel=perf_label)
     ax_res.set(xlabel="forward solver budget (DEQ.F_THRES)", ylabel="final relative residual")
     for ax in (ax_perf, ax_res):
         ax.grid(True, alpha=0.3)
     ax_perf.legend()
     fig.tight_layout()
     out = args.out or args.csv.with_suffix(".png")
-    fig.savefig(out, dpi=120)
+    try:
+        fig.savefig(out, dpi=120)
+    except OSError as err:
+        print(f"error: cannot write {out}: {err}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {out}")
 
 

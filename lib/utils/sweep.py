@@ -1,22 +1,108 @@
-"""Reading the rows ``tools/cls_valid.py --results_name FILE.csv`` appends (test-time solver sweeps)."""
+"""Test-time solver sweeps: the rows ``--results_name FILE.csv`` appends (``tools/cls_valid.py``,
+``tools/seg_test.py``), grouped by method and seed for ``tools/plot_sweep.py``.
+
+A row needs ``checkpoint``, ``f_thres``, ``perf`` and ``fwd_residual``; ``seed`` (when the file name has
+none), ``split``, ``f_solver`` and ``f_eps`` are used when present. A *method* is the checkpoint path with
+the seed taken out of its file name (``.../ift_18/cifar10/cls_mdeq_TINY/final_state_seed3.pth.tar`` ->
+``.../final_state.pth.tar``) plus the split and solver settings, so several seeds of one method form one
+curve: mean over seeds with a min–max band per solver budget (the style of Ramzi et al. 2023, Fig. 5).
+"""
 from __future__ import annotations
 
 import csv
-from collections import defaultdict
-from pathlib import Path
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+SEED_IN_NAME = re.compile(r"_seed(\d+)")
+REQUIRED = ("checkpoint", "f_thres", "perf", "fwd_residual")
+SETTINGS = ("split", "f_solver", "f_eps")  # further columns that tell methods apart
+PERF_COLUMNS = {"miou": "mIoU (%)", "top1": "top-1 accuracy (%)", "loss": "loss"}  # what ``perf`` may be
 
 
-def load_series(path: Path) -> dict[str, list[tuple[int, float, float]]]:
-    """``{checkpoint: [(f_thres, perf, fwd_residual), ...]}`` sorted by f_thres; ValueError on a bad file."""
-    series: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+# (checkpoint path parts without the seed, "key=value" settings)
+Method = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Row:
+    method: Method
+    seed: str
+    f_thres: int
+    perf: float
+    fwd_residual: float
+
+
+@dataclass(frozen=True)
+class Stat:
+    """One solver budget of one method: a value's mean over seeds, its spread and the number of seeds."""
+    f_thres: int
+    mean: float
+    low: float
+    high: float
+    std: float  # sample standard deviation (0 with one seed)
+    seeds: int
+
+
+def read_rows(path: Path) -> tuple[list[Row], str]:
+    """The CSV's rows and the y label of its ``perf`` column (``mIoU (%)``, ``top-1 accuracy (%)``, ``loss``,
+    or ``performance`` when the rows do not say or disagree). ValueError names the file and line."""
+    rows, labels = [], set()
     with path.open(newline="") as fh:
-        for line, row in enumerate(csv.DictReader(fh), start=2):
+        for line, raw in enumerate(csv.DictReader(fh), start=2):
             try:
-                series[row["checkpoint"]].append((int(row["f_thres"]), float(row["perf"]),
-                                                  float(row["fwd_residual"])))
+                checkpoint = PurePath(raw["checkpoint"])
+                name_seed = SEED_IN_NAME.search(checkpoint.name)
+                # The file name's seed names the trained run (the column is the evaluation's SEED)
+                seed = name_seed.group(1) if name_seed else raw.get("seed", "")
+                method = (checkpoint.with_name(SEED_IN_NAME.sub("", checkpoint.name)).parts,
+                          tuple(f"{key}={raw[key]}" for key in SETTINGS if key in raw))
+                perf = float(raw["perf"])
+                rows.append(Row(method, seed, int(raw["f_thres"]), perf, float(raw["fwd_residual"])))
             except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}:{line}: expected a cls_valid.py --results_name row "
-                                 f"(checkpoint, f_thres, perf, fwd_residual)") from None
-    if not series:
+                raise ValueError(f"{path}:{line}: expected a --results_name row with columns "
+                                 f"{', '.join(REQUIRED)}") from None
+            labels.add(next((label for column, label in PERF_COLUMNS.items()
+                             if _number(raw.get(column)) == perf), "performance"))
+    if not rows:
         raise ValueError(f"{path}: no rows")
-    return {name: sorted(points) for name, points in series.items()}
+    return rows, labels.pop() if len(labels) == 1 else "performance"
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def method_labels(methods: list[Method]) -> dict[Method, str]:
+    """Short names: the checkpoint path parts (aligned from the file name) and settings that differ between
+    methods, or the run folder and file name when nothing differs."""
+    depth = max(len(path) for path, _ in methods)
+    padded = {m: ("",) * (depth - len(m[0])) + m[0] + m[1] for m in methods}
+    varying = [i for i in range(len(next(iter(padded.values())))) if len({p[i] for p in padded.values()}) > 1]
+    if not varying:
+        return {m: "/".join(m[0][-2:]) for m in methods}
+    return {m: "/".join(p[i] for i in varying if p[i]) or "/".join(m[0]) for m, p in padded.items()}
+
+
+def group_sweep(rows: list[Row]) -> dict[Method, dict[str, list[Stat]]]:
+    """``{method: {"perf": [Stat per f_thres], "fwd_residual": [...]}}`` sorted by f_thres, statistics over
+    the seeds. A (method, seed, f_thres) evaluated twice counts once: its last row."""
+    latest: dict[tuple, Row] = {}
+    for row in rows:
+        latest[row.method, row.seed, row.f_thres] = row
+    cells: dict[Method, dict[int, list[Row]]] = {}
+    for row in latest.values():
+        cells.setdefault(row.method, {}).setdefault(row.f_thres, []).append(row)
+    return {method: {field: [_stat(t, [getattr(r, field) for r in by_budget[t]]) for t in sorted(by_budget)]
+                     for field in ("perf", "fwd_residual")}
+            for method, by_budget in cells.items()}
+
+
+def _stat(f_thres: int, values: list[float]) -> Stat:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return Stat(f_thres, mean, min(values), max(values), math.sqrt(var), len(values))
