@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from deqlab.data.fashion_scenes import build_fashion_scenes
+from deqlab.data.segmentation import build_segmentation
 from deqlab.data.vision import build_cifar10, build_fashion_mnist, build_imagenet, image_hw
 from deqlab.errors import DatasetError
 
@@ -29,6 +31,9 @@ DATASETS: dict[str, tuple[Callable, str]] = {
     "fashion_mnist": (build_fashion_mnist, "fashion_mnist"),
     "cifar10": (build_cifar10, "cifar10"),
     "imagenet": (build_imagenet, "imagenet"),
+    # segmentation (deqlab.data.segmentation): items (image (3, H, W), label (H', W') int64)
+    "cityscapes": (build_segmentation, "cityscapes"),
+    "fashion_scenes": (build_fashion_scenes, "fashion_scenes"),
 }
 SPLITS = ("train", "test")
 
