@@ -6,8 +6,9 @@ from typing import Any
 from deqlab.errors import ConfigError
 from deqlab.tasks.base import Meter, Task
 from deqlab.tasks.classification import ClassificationTask
+from deqlab.tasks.segmentation import SegmentationTask
 
-TASKS: dict[str, type[Task]] = {"cls": ClassificationTask}
+TASKS: dict[str, type[Task]] = {"cls": ClassificationTask, "seg": SegmentationTask}
 
 __all__ = ["Meter", "Task", "TASKS", "get_task", "register_task"]
 
