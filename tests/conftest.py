@@ -49,3 +49,53 @@ def tiny_run(tmp_path):
     overrides = TINY_OVERRIDES + ["DATASET.ROOT", str(tmp_path / "data"), "OUTPUT_DIR", str(tmp_path / "out"),
                                   "LOG_DIR", str(tmp_path / "log")]
     return REPO / "experiments/fashion_mnist/cls_mdeq_quickstart.yaml", overrides, tmp_path
+
+
+def write_seg_tree(root: Path, n_train: int = 8, n_val: int = 4, seed: int = 0) -> Path:
+    """A tiny learnable Cityscapes tree in the real layout (``root/cityscapes/{leftImg8bit,gtFine}/...``,
+    ``root/list/cityscapes/{train,val}.lst``): 32x64 frames of road (id 7) below sky (id 23) with a car
+    (id 26) box and an unlabelled (id 0 -> ignore) stripe; the colours say which is which, plus noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = {7: (128, 64, 128), 23: (70, 130, 180), 26: (0, 0, 142), 0: (0, 0, 0)}
+    (root / "list" / "cityscapes").mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        lines = []
+        for i in range(n):
+            ids = np.full((32, 64), 23, dtype=np.uint8)
+            ids[int(rng.integers(12, 20)):] = 7
+            top, left = int(rng.integers(4, 20)), int(rng.integers(0, 44))
+            ids[top:top + 10, left:left + 18] = 26
+            ids[:, :2] = 0
+            image = np.array([colours[v] for v in ids.ravel()], dtype=np.int16).reshape(32, 64, 3)
+            image = np.clip(image + rng.integers(-30, 30, size=image.shape), 0, 255).astype(np.uint8)
+            stem = f"{split}/city/city_{i:06d}_000019"
+            img, lab = f"leftImg8bit/{stem}_leftImg8bit.png", f"gtFine/{stem}_gtFine_labelIds.png"
+            for rel, array in ((img, image), (lab, ids)):
+                (root / "cityscapes" / rel).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(root / "cityscapes" / rel)
+            lines.append(f"{img} {lab}\n")
+        (root / "list" / "cityscapes" / f"{split}.lst").write_text("".join(lines))
+    return root
+
+
+SEG_TINY_OVERRIDES = [
+    "MODEL.DOWNSAMPLE_TIMES", "2", "MODEL.EXPANSION_FACTOR", "2", "MODEL.NUM_GROUPS", "2", "MODEL.NUM_LAYERS", "3",
+    "MODEL.DROPOUT", "0.0", "MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", "2", "MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS", "[1, 1]",
+    "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[4, 8]", "MODEL.EXTRA.FULL_STAGE.BIG_KERNELS", "[0, 0]",
+    "DEQ.F_SOLVER", "anderson", "DEQ.B_SOLVER", "anderson", "DEQ.F_THRES", "6", "DEQ.B_THRES", "6",
+    "TRAIN.PRETRAIN_STEPS", "2", "TRAIN.END_EPOCH", "2", "TRAIN.BATCH_SIZE_PER_GPU", "4", "TRAIN.IMAGE_SIZE", "[64, 32]",
+    "TRAIN.BASE_SIZE", "64", "TRAIN.MULTI_SCALE", "False", "TRAIN.FLIP", "True", "TRAIN.OPTIMIZER", "adam",
+    "TRAIN.LR", "0.003", "TEST.BATCH_SIZE_PER_GPU", "2", "TEST.IMAGE_SIZE", "[32, 32]", "TEST.BASE_SIZE", "64",
+    "WORKERS", "0", "PRINT_FREQ", "1", "DEVICE", "cpu", "TRAIN.PRECISE_BN", "False",
+]
+
+
+@pytest.fixture
+def tiny_seg_run(tmp_path):
+    """(config path, overrides, tmp_path) for a seconds-long segmentation run on a tiny Cityscapes tree."""
+    write_seg_tree(tmp_path / "data")
+    overrides = SEG_TINY_OVERRIDES + ["DATASET.ROOT", str(tmp_path / "data"), "OUTPUT_DIR", str(tmp_path / "out"),
+                                      "LOG_DIR", str(tmp_path / "log")]
+    return REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml", overrides, tmp_path
