@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from deqlab.errors import ConfigError
 from deqlab.regularizers import jacobian_frobenius_loss
 from deqlab.solvers import get_solver
 
@@ -79,13 +80,14 @@ class DEQ(nn.Module):
         b_solver_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        # ConfigError (a ValueError): these arguments come straight from the DEQ.* config keys.
         if grad not in GRAD_MODES:
-            raise ValueError(f"unknown DEQ gradient mode {grad!r}; expected one of {', '.join(GRAD_MODES)}")
+            raise ConfigError(f"unknown DEQ gradient mode (DEQ.GRAD) {grad!r}; expected one of {', '.join(GRAD_MODES)}")
         if stop_mode not in ("abs", "rel"):
-            raise ValueError(f"unknown stop_mode {stop_mode!r}; expected 'abs' or 'rel'")
+            raise ConfigError(f"unknown stop_mode (DEQ.STOP_MODE) {stop_mode!r}; expected 'abs' or 'rel'")
         if grad == "phantom" and (phantom_steps < 1 or not 0.0 < phantom_tau <= 1.0):
-            raise ValueError(f"phantom gradient needs phantom_steps >= 1 and 0 < phantom_tau <= 1, "
-                             f"got {phantom_steps} and {phantom_tau}")
+            raise ConfigError(f"phantom gradient needs phantom_steps >= 1 and 0 < phantom_tau <= 1 "
+                              f"(DEQ.PHANTOM_STEPS, DEQ.PHANTOM_TAU), got {phantom_steps} and {phantom_tau}")
         self.f_solver, self.b_solver = get_solver(f_solver), get_solver(b_solver)
         self.f_solver_name, self.b_solver_name = f_solver, b_solver
         self.f_max_iter, self.b_max_iter = f_max_iter, b_max_iter

@@ -5,8 +5,10 @@ class DeqlabError(Exception):
     """Bad input from the user (config, flag, file, dataset, checkpoint); the message says what and where."""
 
 
-class ConfigError(DeqlabError):
-    """A YAML file or command-line override does not fit the defaults (unknown key, wrong type)."""
+class ConfigError(DeqlabError, ValueError):
+    """A setting does not fit the defaults (unknown key, wrong type, value outside what the key allows).
+
+    Also a ``ValueError``, so library code catching the bad-argument errors it always raised keeps working."""
 
 
 class CheckpointError(DeqlabError):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from deqlab.errors import ConfigError
+
 
 class WeightNormConv2d(nn.Conv2d):
     """Conv2d with weight normalisation; the normalised weight is cached until the next reset."""
@@ -48,7 +50,7 @@ class VariationalDropout2d(nn.Module):
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout rate must be in [0, 1), got {p}")
+            raise ConfigError(f"dropout rate (MODEL.DROPOUT) must be in [0, 1), got {p}")
         self.p = p
         self.mask: Tensor | None = None
 

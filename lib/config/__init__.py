@@ -1,7 +1,8 @@
 """Strict config loading: the defaults in ``defaults.py``, then a YAML file, then ``KEY VALUE`` overrides.
 
-Every key must exist in the defaults and every value must have the default's type; anything else is a
-``ConfigError`` naming the key and where it came from (with a close match when there is one). YAMLs written
+Every key must exist in the defaults, every value must have the default's type and pass the key's rule
+(``defaults.RULES``, see ``deqlab.config.rules``); anything else is a ``ConfigError`` naming the key, the
+value, what is allowed and where it came from (with a close match when there is one). YAMLs written
 for locuslab/mdeq (layout version 1) load too: ``LEGACY_RENAMES`` moves their keys, ``LEGACY_IGNORED`` lists
 keys the original code read but this repository does not need (skipped with a warning).
 """
@@ -17,7 +18,8 @@ from typing import Any, Iterable
 import yaml
 from yacs.config import CfgNode
 
-from deqlab.config.defaults import DEFAULTS
+from deqlab.config.defaults import DEFAULTS, RULES
+from deqlab.config.rules import check_values
 from deqlab.errors import ConfigError
 from deqlab.utils.files import atomic_open
 
@@ -78,7 +80,7 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
     return value
 
 
-def _set(cfg: CfgNode, key: str, value: Any, source: str) -> None:
+def _set(cfg: CfgNode, key: str, value: Any, source: str, sources: dict[str, str]) -> None:
     key = LEGACY_RENAMES.get(key, key)
     if key in LEGACY_IGNORED:
         warnings.warn(f"{source}: ignoring {key} ({LEGACY_IGNORED[key]})", stacklevel=3)
@@ -93,11 +95,13 @@ def _set(cfg: CfgNode, key: str, value: Any, source: str) -> None:
         hint = f"; did you mean {close[0]}?" if close else ""
         raise ConfigError(f"{source}: unknown config key {key}{hint}")
     node[leaf] = _coerce(value, node[leaf], key, source)
+    sources[key] = source
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> CfgNode:
-    """Defaults, merged with the YAML at ``path`` and the ``KEY VALUE`` list ``overrides``; frozen."""
+    """Defaults, merged with the YAML at ``path`` and the ``KEY VALUE`` list ``overrides``, checked; frozen."""
     cfg = get_defaults()
+    sources: dict[str, str] = {}  # key -> the file or "command line" that set it last
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -109,12 +113,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
         for key, value in _flatten(tree):
-            _set(cfg, key, value, str(path))
+            _set(cfg, key, value, str(path), sources)
     overrides = list(overrides)
     if len(overrides) % 2:
         raise ConfigError(f"command line: overrides come as KEY VALUE pairs; {overrides[-1]!r} has no value")
     for key, value in zip(overrides[::2], overrides[1::2]):
-        _set(cfg, key, value, "command line")
+        _set(cfg, key, value, "command line", sources)
+    check_values(cfg, RULES, sources)
     cfg.VERSION = DEFAULTS.VERSION  # upgraded on load
     cfg.freeze()
     return cfg

@@ -2,21 +2,43 @@
 
 Key names follow locuslab/mdeq (v1) and locuslab/deq MDEQ-Vision (v2) so that their YAMLs and command
 lines keep working. v1 YAMLs kept the solver thresholds under ``MODEL.F_THRES``/``MODEL.B_THRES``; the
-loader maps those to ``DEQ.*`` (see ``deqlab.config.load_config``). Keys marked "ours" are additions.
+loader maps those to ``DEQ.*`` (see ``deqlab.config.load_config``). Keys marked "ours" are additions; keys
+marked "unused" are accepted so the original YAMLs load, but nothing reads them.
+
+After each section, ``allow`` declares what its keys accept (``deqlab.config.rules``); ``load_config`` checks
+every value against these rules once the YAML and the overrides are merged. A key without a rule (the
+booleans) accepts any value of its default's type.
 """
+from typing import Any
+
 from yacs.config import CfgNode as CN
+
+from deqlab.config.rules import ANY, Rule, choice, integer, list_of, number, registered, unused
+
+RULES: dict[str, Rule] = {}  # dotted key -> what it accepts, in declaration order
+
+
+def allow(section: str, **rules: Any) -> None:
+    """Declare the rules of ``section``'s keys (``section`` "" for the top level)."""
+    RULES.update({f"{section}.{key}" if section else key: rule for key, rule in rules.items()})
+
+
+_SIZE = list_of(integer(lo=1), length=2)  # [width, height]
 
 _C = CN()
 _C.VERSION = 2                 # layout version: 1 = locuslab/mdeq (thresholds under MODEL), 2 = this layout
 _C.OUTPUT_DIR = "output"       # checkpoints and the resolved config go to OUTPUT_DIR/<dataset>/<cfg name>/
 _C.LOG_DIR = "log"             # tensorboard events go to LOG_DIR/<dataset>/<cfg name>/
 _C.DATA_DIR = ""               # prefix joined in front of a relative DATASET.ROOT
-_C.GPUS = (0,)                 # single-process runs use the first entry; torchrun uses LOCAL_RANK instead
+_C.GPUS = (0,)                 # unused: the device comes from DEVICE (and LOCAL_RANK under torchrun)
 _C.WORKERS = 4                 # DataLoader worker processes per rank
 _C.PERCENT = 1.0               # fraction of the training set to use (a fixed random subset, seeded)
 _C.PRINT_FREQ = 20             # iterations between log lines / tensorboard scalars
 _C.SEED = 0                    # ours: global seed (each rank adds its rank where randomness must differ)
 _C.DEVICE = "auto"             # ours: "auto" (cuda if available), "cpu" or "cuda"
+allow("", VERSION=choice(1, 2), OUTPUT_DIR=ANY, LOG_DIR=ANY, DATA_DIR=ANY, GPUS=unused(list_of(integer(lo=0))),
+      WORKERS=integer(lo=0), PERCENT=number(0, 1, lo_open=True), PRINT_FREQ=integer(lo=1), SEED=integer(lo=0),
+      DEVICE=choice("auto", "cpu", "cuda"))
 
 _C.CUDNN = CN()
 _C.CUDNN.BENCHMARK = True
@@ -26,6 +48,7 @@ _C.CUDNN.ENABLED = True
 _C.AMP = CN()                  # ours: mixed precision on CUDA; the fixed-point solver always runs in fp32
 _C.AMP.ENABLED = False
 _C.AMP.DTYPE = "bfloat16"      # "bfloat16" (no scaler) or "float16" (with GradScaler)
+allow("AMP", DTYPE=choice("bfloat16", "float16"))
 
 _C.MODEL = CN()
 _C.MODEL.NAME = "mdeq"         # registry name: "mdeq" (classifier)
@@ -45,15 +68,28 @@ _C.MODEL.IMAGE_SIZE = [224, 224]  # width, height of the network input
 _C.MODEL.EXTRA = CN()
 _C.MODEL.EXTRA.FINAL_CONV_KERNEL = 1  # segmentation: kernel of the last conv of the seg head (1 or 3)
 _C.MODEL.EXTRA.FULL_STAGE = CN()
-_C.MODEL.EXTRA.FULL_STAGE.NUM_MODULES = 1
+_C.MODEL.EXTRA.FULL_STAGE.NUM_MODULES = 1   # unused (one equilibrium module, as in every original config)
 _C.MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES = 4       # number of resolutions
-_C.MODEL.EXTRA.FULL_STAGE.BLOCK = "BASIC"
-_C.MODEL.EXTRA.FULL_STAGE.BIG_KERNELS = [0, 0, 0, 0]  # v2 key; 0 = 3x3 convs (only value supported)
+_C.MODEL.EXTRA.FULL_STAGE.BLOCK = "BASIC"   # unused (BASIC is the only block)
+_C.MODEL.EXTRA.FULL_STAGE.BIG_KERNELS = [0, 0, 0, 0]  # unused v2 key; 0 = 3x3 convs (only value supported)
 _C.MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS = [1, 1, 1, 1]
 _C.MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS = [32, 64, 128, 256]
 _C.MODEL.EXTRA.FULL_STAGE.HEAD_CHANNELS = [32, 64, 128, 256]  # classification head widths per branch
 _C.MODEL.EXTRA.FULL_STAGE.FINAL_CHANSIZE = 2048               # width before the linear classifier
-_C.MODEL.EXTRA.FULL_STAGE.FUSE_METHOD = "SUM"
+_C.MODEL.EXTRA.FULL_STAGE.FUSE_METHOD = "SUM"  # unused (fusion always sums)
+_BRANCHES = "MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES"  # the models build one branch per NUM_CHANNELS entry
+allow("MODEL", NAME=ANY,  # deqlab.models.build_model checks it against the task's registry
+      PRETRAINED=ANY, NUM_LAYERS=integer(lo=1), NUM_CLASSES=integer(lo=1), IN_CHANNELS=integer(lo=1),
+      NUM_GROUPS=integer(lo=2, multiple_of=2),  # the post-fusion GroupNorms use NUM_GROUPS // 2 groups
+      DROPOUT=number(0, 1, hi_open=True), DOWNSAMPLE_TIMES=integer(lo=0), EXPANSION_FACTOR=integer(lo=1),
+      IMAGE_SIZE=_SIZE)
+allow("MODEL.EXTRA", FINAL_CONV_KERNEL=choice(1, 3))
+allow("MODEL.EXTRA.FULL_STAGE", NUM_MODULES=unused(choice(1)), NUM_BRANCHES=integer(lo=1),
+      BLOCK=unused(choice("BASIC")), BIG_KERNELS=unused(list_of(choice(0))),
+      NUM_BLOCKS=list_of(integer(lo=1), length=_BRANCHES),
+      NUM_CHANNELS=list_of(integer(lo=1, multiple_of="MODEL.NUM_GROUPS"), length=_BRANCHES),  # GroupNorm widths
+      HEAD_CHANNELS=list_of(integer(lo=1), min_length=_BRANCHES), FINAL_CHANSIZE=integer(lo=1),
+      FUSE_METHOD=unused(choice("SUM")))
 
 _C.DEQ = CN()
 _C.DEQ.F_SOLVER = "broyden"    # forward solver: broyden | anderson | fixed_point (deqlab.solvers registry)
@@ -63,11 +99,17 @@ _C.DEQ.F_THRES = 30            # max forward solver steps
 _C.DEQ.B_THRES = 40            # max backward solver steps
 _C.DEQ.F_EPS = 1e-3            # forward tolerance (in STOP_MODE)
 _C.DEQ.B_EPS = 1e-6            # backward tolerance (in STOP_MODE)
-_C.DEQ.RAND_F_THRES_DELTA = 2  # training draws F_THRES + randint(-delta, delta) steps each iteration
+_C.DEQ.RAND_F_THRES_DELTA = 2  # training iterations that add the Jacobian loss get F_THRES + a random
+                               # -delta..+1 forward steps (as the original); other iterations use F_THRES
 _C.DEQ.SPECTRAL_RADIUS_MODE = False  # estimate the Jacobian's spectral radius at z* in eval (diagnostic)
 _C.DEQ.GRAD = "ift"            # ours: "ift" (implicit), "phantom" or "unrolled"
 _C.DEQ.PHANTOM_STEPS = 5       # ours: k of the phantom gradient
 _C.DEQ.PHANTOM_TAU = 0.5       # ours: damping tau of the phantom gradient
+_SOLVER = registered("deqlab.solvers", "SOLVERS")
+allow("DEQ", F_SOLVER=_SOLVER, B_SOLVER=_SOLVER, STOP_MODE=registered("deqlab.solvers.common", "STOP_MODES"),
+      F_THRES=integer(lo=1), B_THRES=integer(lo=1), F_EPS=number(lo=0), B_EPS=number(lo=0),
+      RAND_F_THRES_DELTA=integer(lo=0), GRAD=registered("deqlab.deq", "GRAD_MODES"), PHANTOM_STEPS=integer(lo=1),
+      PHANTOM_TAU=number(0, 1, lo_open=True))
 
 _C.LOSS = CN()
 _C.LOSS.JAC_LOSS_FREQ = 0.0    # probability of adding the Jacobian regulariser on an iteration
@@ -79,16 +121,22 @@ _C.LOSS.PRETRAIN_JAC_LOSS_WEIGHT = 0.0  # its weight during unrolled pretraining
 _C.LOSS.USE_OHEM = False       # online hard example mining on the per-pixel cross entropy
 _C.LOSS.OHEMTHRES = 0.9        # OHEM: pixels whose true-class probability is below this count as hard
 _C.LOSS.OHEMKEEP = 100000      # OHEM: keep at least this many pixels per batch
+allow("LOSS", JAC_LOSS_FREQ=number(0, 1), JAC_LOSS_WEIGHT=number(lo=0), JAC_INCREMENTAL=integer(lo=1),
+      JAC_STOP_EPOCH=integer(lo=0), PRETRAIN_JAC_LOSS_WEIGHT=number(lo=0), OHEMTHRES=number(0, 1, lo_open=True),
+      OHEMKEEP=integer(lo=0))
 
 _C.DATASET = CN()
-_C.DATASET.DATASET = "cifar10"  # cifar10 | fashion_mnist | imagenet
+_C.DATASET.DATASET = "cifar10"  # a name in deqlab.data.DATASETS: cifar10, fashion_mnist, imagenet, cityscapes, ...
 _C.DATASET.ROOT = "data/cifar10/"
 _C.DATASET.TRAIN_SET = "train"
 _C.DATASET.TEST_SET = "val"
-_C.DATASET.DATA_FORMAT = "jpg"  # imagenet: image files under ROOT/TRAIN_SET/<class>/
+_C.DATASET.DATA_FORMAT = "jpg"  # unused: imagenet always reads image files under ROOT/TRAIN_SET/<class>/
 _C.DATASET.AUGMENT = True       # standard augmentation (random crop + flip for CIFAR/ImageNet)
 _C.DATASET.NUM_CLASSES = 19     # segmentation: number of classes (19 Cityscapes trainIds)
 _C.DATASET.LABEL_MAPPING = "cityscapes"  # ours: "cityscapes" (label ids -> trainIds) or "none" (ids as is)
+allow("DATASET", DATASET=registered("deqlab.data", "DATASETS", case_sensitive=False), ROOT=ANY, TRAIN_SET=ANY,
+      TEST_SET=ANY, DATA_FORMAT=unused(choice("jpg")), NUM_CLASSES=integer(lo=1),
+      LABEL_MAPPING=choice("cityscapes", "none"))
 
 _C.TRAIN = CN()
 _C.TRAIN.OPTIMIZER = "adam"     # adam | sgd
@@ -116,6 +164,12 @@ _C.TRAIN.MULTI_SCALE = True     # random rescale before cropping
 _C.TRAIN.DOWNSAMPLERATE = 1     # labels are downsampled by this factor
 _C.TRAIN.IGNORE_LABEL = 255     # label value excluded from loss and metrics
 _C.TRAIN.SCALE_FACTOR = 16      # multi-scale: scales drawn from 0.5 + randint(0, SCALE_FACTOR) / 10
+allow("TRAIN", OPTIMIZER=choice("adam", "sgd", case_sensitive=False), LR=number(lo=0, lo_open=True),
+      LR_SCHEDULER=choice("cosine", "step", "poly", case_sensitive=False), LR_FACTOR=number(lo=0, lo_open=True),
+      LR_STEP=list_of(integer(lo=0)), WD=number(lo=0), MOMENTUM=number(0, 1, hi_open=True), CLIP=number(),
+      PRETRAIN_STEPS=integer(lo=0), BEGIN_EPOCH=integer(lo=0), END_EPOCH=integer(lo="TRAIN.BEGIN_EPOCH"),
+      MODEL_FILE=ANY, BATCH_SIZE_PER_GPU=integer(lo=1), IMAGE_SIZE=_SIZE, BASE_SIZE=integer(lo=1),
+      DOWNSAMPLERATE=integer(lo=1), IGNORE_LABEL=integer(0, 255), SCALE_FACTOR=integer(lo=0))
 
 _C.TEST = CN()
 _C.TEST.BATCH_SIZE_PER_GPU = 32
@@ -125,5 +179,6 @@ _C.TEST.IMAGE_SIZE = [2048, 1024]  # sliding-window [width, height]
 _C.TEST.BASE_SIZE = 2048        # long side of an image at scale 1.0
 _C.TEST.FLIP_TEST = False       # average with the horizontally flipped prediction
 _C.TEST.MULTI_SCALE = False     # average over several scales
+allow("TEST", BATCH_SIZE_PER_GPU=integer(lo=1), MODEL_FILE=ANY, IMAGE_SIZE=_SIZE, BASE_SIZE=integer(lo=1))
 
 DEFAULTS = _C

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from deqlab.errors import ConfigError
 from deqlab.solvers.anderson import anderson
 from deqlab.solvers.broyden import broyden
 from deqlab.solvers.fixed_point import fixed_point
@@ -26,7 +27,8 @@ def register_solver(name: str, fn: Callable | None = None):
 def get_solver(name: str) -> Callable:
     """The solver registered as ``name``; an unknown name lists the known ones."""
     if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; known solvers: {', '.join(sorted(SOLVERS))}")
+        raise ConfigError(f"unknown solver (DEQ.F_SOLVER / DEQ.B_SOLVER) {name!r}; known solvers: "
+                          f"{', '.join(sorted(SOLVERS))}")
     return SOLVERS[name]
 
 
