@@ -19,7 +19,8 @@ from test_mdeq_compat import SETTING_KEYS, manifest_keys, model_keys
 
 MINI4 = COMPAT / "configs/v1_seg_mdeq_MINI4.yaml"
 # Without fixtures, one missing path keeps the list non-empty, so that CI=true fails instead of skipping.
-SEG_MANIFESTS = sorted(COMPAT.glob("manifests/**/cityscapes_seg_*.json")) or [COMPAT / "manifests/cityscapes_seg_mdeq_MINI4.json"]
+SEG_MANIFESTS = (sorted(COMPAT.glob("manifests/**/cityscapes_seg_*.json"))
+                 or [COMPAT / "manifests/cityscapes_seg_mdeq_MINI4.json"])
 SEG_SETTING_KEYS = {  # the seg head reads its class count from DATASET and has no cls head widths
     **{k: v for k, v in SETTING_KEYS.items() if k not in ("NUM_CLASSES", "HEAD_CHANNELS", "FINAL_CHANSIZE")},
     "NUM_CLASSES": "DATASET.NUM_CLASSES", "FINAL_CONV_KERNEL": "MODEL.EXTRA.FINAL_CONV_KERNEL",

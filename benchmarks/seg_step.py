@@ -1,0 +1,141 @@
+"""MDEQ-SMALL segmentation training-step speed and memory per gradient mode and forward budget.
+
+    python benchmarks/seg_step.py [--steps 2] [--batch 2] [--crop 512 256] [--f-thres 10 20 30]
+                                  [--modes ift phantom unrolled] [--out benchmarks/results/seg_step.json]
+
+The structure of ``train_step.py`` (same memory measures, see its docstring) for the Cityscapes model:
+``experiments/cityscapes/seg_mdeq_SMALL.yaml`` as shipped (Broyden forward and backward, ``B_THRES`` 30, SGD
+with its LR/momentum/WD) on a ``--crop`` [width, height] random image with random labels, and that config's
+training loss (``deqlab.losses.build_seg_criterion``: logits upsampled to the label size, class-weighted
+cross-entropy, ignore label 255). Dropout is off and the forward tolerance 0, so every solve spends its whole
+``F_THRES`` budget. Each (mode, F_THRES) runs in a fresh process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from train_step import MODES, REPO, cpu_peak_mb, reset_cpu_peak
+
+CONFIG = REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml"
+
+
+def reset_peak(dev: torch.device) -> float:
+    """Start a per-step peak measurement; return the memory in use now (MB)."""
+    if dev.type != "cuda":
+        return reset_cpu_peak()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**20
+
+
+def peak(dev: torch.device) -> float:
+    """The peak memory since :func:`reset_peak` (MB)."""
+    if dev.type != "cuda":
+        return cpu_peak_mb()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def measure(mode: str, f_thres: int, batch: int, crop: list[int], steps: int, device: str) -> dict:
+    """Time ``steps`` training steps of MDEQ-SMALL seg (after one warm-up) and measure their memory."""
+    from deqlab.config import load_config
+    from deqlab.losses import build_seg_criterion
+    from deqlab.models import build_model
+
+    width, height = crop
+    cfg = load_config(CONFIG, ["DEQ.GRAD", mode, "DEQ.F_THRES", str(f_thres), "DEQ.F_EPS", "0.0",
+                               "TRAIN.PRETRAIN_STEPS", "0", "MODEL.DROPOUT", "0.0", "TRAIN.IMAGE_SIZE", str(crop)])
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = build_model(cfg, task="seg").to(dev).train()
+    criterion = build_seg_criterion(cfg).to(dev)
+    train = cfg.TRAIN
+    optimizer = torch.optim.SGD(model.parameters(), lr=train.LR, momentum=train.MOMENTUM, weight_decay=train.WD)
+    x = torch.randn(batch, 3, height, width, device=dev)
+    labels = torch.randint(0, cfg.DATASET.NUM_CLASSES, (batch, height, width), device=dev)
+    labels[:, :, : width // 8] = train.IGNORE_LABEL  # a band of ignored pixels, as Cityscapes has
+
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    def step(record: bool = False) -> dict:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if record else torch.enable_grad():
+            logits, info = model(x, train_step=10**9)
+            loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return info
+
+    info = step(record=True)  # warm-up; also records what autograd saves
+    times, peaks = [], []
+    for _ in range(steps):
+        base = reset_peak(dev)
+        start = time.perf_counter()
+        info = step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        peaks.append(peak(dev) - base)
+    return {"mode": mode, "f_thres": f_thres, "batch": batch, "crop": crop, "device": device,
+            "step_s": statistics.median(times), "fwd_steps": info["fwd"]["nstep"],
+            "bwd_steps": info["bwd"].get("nstep", 0), "saved_for_backward_mb": sum(storages.values()) / 2**20,
+            "peak_step_mb": max(peaks)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per setting (after one warm-up)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--crop", type=int, nargs=2, default=[512, 256], metavar=("W", "H"))
+    parser.add_argument("--f-thres", type=int, nargs="+", default=[10, 20, 30])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=str(REPO / "benchmarks/results/seg_step.json"))
+    parser.add_argument("--child", nargs=2, metavar=("MODE", "F_THRES"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child[0], int(args.child[1]), args.batch, args.crop, args.steps, args.device)))
+        return
+
+    rows = []
+    print(f"{'mode':<10}{'F_THRES':>8}{'step s':>9}{'fwd/bwd steps':>15}{'saved MB':>10}{'peak MB':>9}")
+    for mode in args.modes:
+        for f_thres in args.f_thres:
+            cmd = [sys.executable, __file__, "--child", mode, str(f_thres), "--batch", str(args.batch),
+                   "--crop", *map(str, args.crop), "--steps", str(args.steps), "--device", args.device]
+            row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            rows.append(row)
+            print(f"{mode:<10}{f_thres:>8}{row['step_s']:>9.1f}{row['fwd_steps']:>8}/{row['bwd_steps']:<6}"
+                  f"{row['saved_for_backward_mb']:>10.1f}{row['peak_step_mb']:>9.1f}", flush=True)
+
+    lo, hi = min(args.f_thres), max(args.f_thres)
+    growth = {}
+    for mode in args.modes:
+        by_thres = {r["f_thres"]: r for r in rows if r["mode"] == mode}
+        growth[mode] = {k: by_thres[hi][k] / by_thres[lo][k] - 1 for k in ("saved_for_backward_mb", "peak_step_mb")}
+        print(f"{mode}: memory growth F_THRES {lo} -> {hi}: saved {100 * growth[mode]['saved_for_backward_mb']:+.0f}%, "
+              f"peak {100 * growth[mode]['peak_step_mb']:+.0f}%")
+    targets = {m: all(g <= 0.10 for g in growth[m].values()) for m in ("ift", "phantom") if m in growth}
+    if "unrolled" in growth and hi > lo:
+        targets["unrolled grows"] = growth["unrolled"]["saved_for_backward_mb"] > 0.10
+    print("targets:", ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"config": str(CONFIG.relative_to(REPO)), "rows": rows, "growth": growth,
+                                          "targets": targets, "torch": torch.__version__}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
