@@ -156,6 +156,12 @@ _C.TRAIN.RESUME = False         # resume from OUTPUT_DIR/.../checkpoint.pth if i
 _C.TRAIN.MODEL_FILE = ""        # full weights to start training from (all tensors must match)
 _C.TRAIN.BATCH_SIZE_PER_GPU = 32
 _C.TRAIN.SHUFFLE = True
+# ours: before each evaluation, run PRECISE_BN_BATCHES training batches (no grad) to measure the BatchNorm
+# statistics (deqlab.engine.precise_bn); PRECISE_BN writes them as the running statistics, else a warning
+# says when the running ones disagree. 0 batches: neither. Early in training the running statistics still
+# carry their initial variance 1 and eval-mode accuracy can sit at chance without this.
+_C.TRAIN.PRECISE_BN = True
+_C.TRAIN.PRECISE_BN_BATCHES = 20
 # Segmentation training (HRNet-Semantic-Segmentation / locuslab/mdeq names and defaults)
 _C.TRAIN.IMAGE_SIZE = [1024, 512]  # random crop [width, height]
 _C.TRAIN.BASE_SIZE = 2048       # long side of an image at scale 1.0
@@ -169,7 +175,8 @@ allow("TRAIN", OPTIMIZER=choice("adam", "sgd", case_sensitive=False), LR=number(
       LR_STEP=list_of(integer(lo=0)), WD=number(lo=0), MOMENTUM=number(0, 1, hi_open=True), CLIP=number(),
       PRETRAIN_STEPS=integer(lo=0), BEGIN_EPOCH=integer(lo=0), END_EPOCH=integer(lo="TRAIN.BEGIN_EPOCH"),
       MODEL_FILE=ANY, BATCH_SIZE_PER_GPU=integer(lo=1), IMAGE_SIZE=_SIZE, BASE_SIZE=integer(lo=1),
-      DOWNSAMPLERATE=integer(lo=1), IGNORE_LABEL=integer(0, 255), SCALE_FACTOR=integer(lo=0))
+      DOWNSAMPLERATE=integer(lo=1), IGNORE_LABEL=integer(0, 255), SCALE_FACTOR=integer(lo=0),
+      PRECISE_BN_BATCHES=integer(lo=0))
 
 _C.TEST = CN()
 _C.TEST.BATCH_SIZE_PER_GPU = 32

@@ -22,6 +22,7 @@ from deqlab.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from deqlab.config import dump_config
 from deqlab.engine.evaluator import autocast_context, evaluate, solver_summary
 from deqlab.engine.optim import build_optimizer, build_scheduler
+from deqlab.engine.precise_bn import log_gap, recompute_bn_stats
 from deqlab.engine.run_files import run_files
 from deqlab.tasks import Task, get_task
 from deqlab.utils.dist import DistInfo, barrier, init_distributed
@@ -178,6 +179,22 @@ class Trainer:
                     self.writer.add_scalar(f"train/{k}", v, self.step)
         return {k: v / max(len(self.train_loader), 1) for k, v in totals.items()}
 
+    def precise_bn(self) -> None:
+        """Before an evaluation: measure the BatchNorm statistics on training batches and, with
+        ``TRAIN.PRECISE_BN``, make them the running ones (``deqlab.engine.precise_bn``)."""
+        num = self.cfg.TRAIN.PRECISE_BN_BATCHES
+        if num < 1:
+            return
+        start = time.time()
+
+        def forward(model: nn.Module, batch: Any) -> None:
+            with autocast_context(self.cfg, self.device):
+                self.task.predict(model, batch[0].to(self.device, non_blocking=True), None)
+
+        gap = recompute_bn_stats(self.model, self.train_loader, num, forward, update=self.cfg.TRAIN.PRECISE_BN)
+        if self.dist.is_main:  # the measured statistics are merged over ranks: one line says it for all
+            log_gap(gap, self.cfg.TRAIN.PRECISE_BN, time.time() - start)
+
     def fit(self, stop_after: int | None = None) -> dict[str, float]:
         """Train until ``TRAIN.END_EPOCH`` (or ``stop_after`` more epochs); return the last validation metrics."""
         ckpt = self.files.checkpoint
@@ -191,6 +208,7 @@ class Trainer:
         while self.epoch < end:
             start = time.time()
             train = self.train_epoch()
+            self.precise_bn()
             metrics = evaluate(self.task, self.net, self.test_loader, self.device)
             self.epoch += 1
             train_text = " ".join(f"{k} {v:.4g}" for k, v in train.items() if k not in TRAIN_STATS or k == "loss")
