@@ -31,6 +31,13 @@ def write_fashion_mnist(root: Path, n_train: int = 48, n_test: int = 16, seed: i
     return root
 
 
+@pytest.fixture
+def one_thread_per_process(monkeypatch):
+    """Processes started from the test (mp.spawn, torchrun) use one OpenMP thread each: two processes of two
+    spinning threads on two cores slow each other down by 10-50x (torchrun does the same by default)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 TINY_OVERRIDES = [
     "MODEL.IMAGE_SIZE", "[28, 28]", "MODEL.DOWNSAMPLE_TIMES", "1", "MODEL.EXPANSION_FACTOR", "2",
     "MODEL.NUM_GROUPS", "2", "MODEL.NUM_LAYERS", "3",

@@ -92,7 +92,7 @@ def _ddp_recompute(rank, init_file, out_file):
         dist.destroy_process_group()
 
 
-def test_ranks_merge_their_statistics_into_those_of_all_their_batches(tmp_path):
+def test_ranks_merge_their_statistics_into_those_of_all_their_batches(tmp_path, one_thread_per_process):
     mp.spawn(_ddp_recompute, args=(str(tmp_path / "init"), str(tmp_path / "rank1.pt")), nprocs=2, join=True)
     merged = torch.load(tmp_path / "rank1.pt", weights_only=True)
     net, data = tiny_net(), batches(4)

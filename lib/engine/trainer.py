@@ -140,7 +140,8 @@ class Trainer:
         compute_jac = factor > 0 and torch.rand([]).item() < cfg.LOSS.JAC_LOSS_FREQ
         delta = cfg.DEQ.RAND_F_THRES_DELTA
         # As in the original: when the Jacobian term is on, the forward budget jitters by -delta..+1.
-        f_thres = cfg.DEQ.F_THRES + (torch.randint(-delta, 2, []).item() if delta > 0 and compute_jac else 0)
+        jitter = torch.randint(-delta, 2, []).item() if delta > 0 and compute_jac else 0
+        f_thres = max(1, cfg.DEQ.F_THRES + jitter)  # F_THRES <= delta must not leave the solver without a step
         with autocast_context(cfg, self.device):
             output, info = self.net(x, train_step=self.step, compute_jac_loss=compute_jac, f_thres=f_thres)
             loss = self.task.loss(output, y)
