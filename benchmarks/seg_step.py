@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from train_step import MODES, REPO, cpu_peak_mb, reset_cpu_peak
+from train_step import MODES, REPO, cpu_peak_mb, memory_growth, reset_cpu_peak
 
 CONFIG = REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml"
 
@@ -120,17 +120,7 @@ def main() -> None:
             print(f"{mode:<10}{f_thres:>8}{row['step_s']:>9.1f}{row['fwd_steps']:>8}/{row['bwd_steps']:<6}"
                   f"{row['saved_for_backward_mb']:>10.1f}{row['peak_step_mb']:>9.1f}", flush=True)
 
-    lo, hi = min(args.f_thres), max(args.f_thres)
-    growth = {}
-    for mode in args.modes:
-        by_thres = {r["f_thres"]: r for r in rows if r["mode"] == mode}
-        growth[mode] = {k: by_thres[hi][k] / by_thres[lo][k] - 1 for k in ("saved_for_backward_mb", "peak_step_mb")}
-        print(f"{mode}: memory growth F_THRES {lo} -> {hi}: saved {100 * growth[mode]['saved_for_backward_mb']:+.0f}%, "
-              f"peak {100 * growth[mode]['peak_step_mb']:+.0f}%")
-    targets = {m: all(g <= 0.10 for g in growth[m].values()) for m in ("ift", "phantom") if m in growth}
-    if "unrolled" in growth and hi > lo:
-        targets["unrolled grows"] = growth["unrolled"]["saved_for_backward_mb"] > 0.10
-    print("targets:", ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
+    growth, targets = memory_growth(rows, args.modes, args.f_thres)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"config": str(CONFIG.relative_to(REPO)), "rows": rows, "growth": growth,
                                           "targets": targets, "torch": torch.__version__}, indent=2))

@@ -104,6 +104,23 @@ def measure(mode: str, f_thres: int, batch: int, steps: int, device: str, f_solv
             "saved_for_backward_mb": sum(storages.values()) / 2**20, "peak_step_mb": peak}
 
 
+def memory_growth(rows: list[dict], modes: list[str], f_thres: list[int]) -> tuple[dict, dict]:
+    """Per mode, the relative growth of saved-for-backward and peak memory from the smallest to the largest
+    F_THRES, printed; and the targets: flat (<= 10%) for ift/phantom, growing for unrolled."""
+    lo, hi = min(f_thres), max(f_thres)
+    growth = {}
+    for mode in modes:
+        by_thres = {r["f_thres"]: r for r in rows if r["mode"] == mode}
+        growth[mode] = {k: by_thres[hi][k] / by_thres[lo][k] - 1 for k in ("saved_for_backward_mb", "peak_step_mb")}
+        print(f"{mode}: memory growth F_THRES {lo} -> {hi}: saved {100 * growth[mode]['saved_for_backward_mb']:+.0f}%, "
+              f"peak {100 * growth[mode]['peak_step_mb']:+.0f}%")
+    targets = {m: all(g <= 0.10 for g in growth[m].values()) for m in ("ift", "phantom") if m in growth}
+    if "unrolled" in growth and hi > lo:
+        targets["unrolled grows"] = growth["unrolled"]["saved_for_backward_mb"] > 0.10
+    print("targets:", ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
+    return growth, targets
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
@@ -131,17 +148,7 @@ def main() -> None:
             print(f"{mode:<10}{f_thres:>8}{row['images_per_s']:>10.1f}{row['fwd_steps']:>8}/{row['bwd_steps']:<6}"
                   f"{row['saved_for_backward_mb']:>10.1f}{row['peak_step_mb']:>9.1f}", flush=True)
 
-    lo, hi = min(args.f_thres), max(args.f_thres)
-    growth = {}
-    for mode in args.modes:
-        by_thres = {r["f_thres"]: r for r in rows if r["mode"] == mode}
-        growth[mode] = {k: by_thres[hi][k] / by_thres[lo][k] - 1 for k in ("saved_for_backward_mb", "peak_step_mb")}
-        print(f"{mode}: memory growth F_THRES {lo} -> {hi}: saved {100 * growth[mode]['saved_for_backward_mb']:+.0f}%, "
-              f"peak {100 * growth[mode]['peak_step_mb']:+.0f}%")
-    targets = {m: all(g <= 0.10 for g in growth[m].values()) for m in ("ift", "phantom") if m in growth}
-    if "unrolled" in growth:
-        targets["unrolled grows"] = growth["unrolled"]["saved_for_backward_mb"] > 0.10
-    print("targets:", ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
+    growth, targets = memory_growth(rows, args.modes, args.f_thres)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"f_solver": args.f_solver, "rows": rows, "growth": growth, "targets": targets,
                                           "torch": torch.__version__}, indent=2))

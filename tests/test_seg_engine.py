@@ -89,7 +89,7 @@ def test_torchrun_seg_train_then_seg_test_rows_and_predictions(tiny_seg_run):
                                           str(preds), *overrides, "TEST.MODEL_FILE", str(ckpt), "TEST.FLIP_TEST", "True",
                                           "DEQ.F_EPS", "1e-7", "DEQ.F_THRES", str(f_thres)], tmp)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "test mIoU (%):" in proc.stdout
+        assert "test mIoU (%):" in proc.stdout and "per_class_iou: 0:" in proc.stdout
     rows = list(csv.DictReader(results.open()))
     assert [int(r["f_thres"]) for r in rows] == [2, 6] and all(float(r["f_eps"]) == 1e-7 for r in rows)
     assert all(0 <= float(r["miou"]) <= 100 and r["perf"] == r["miou"] and int(r["count"]) == 4 for r in rows)

@@ -88,6 +88,9 @@ def test_main(task: str, description: str, argv: list[str] | None = None,
     log.info("%s on %s (%d samples), F_THRES %d: %s  solver steps %.1f  residual %.2e", cfg.TEST.MODEL_FILE,
              split, metrics["count"], cfg.DEQ.F_THRES, the_task.describe(metrics), metrics["fwd_steps"],
              metrics["fwd_residual"])
+    for name, values in metrics.items():  # per-class numbers (e.g. IoU), one line each
+        if isinstance(values, list):
+            log.info("%s: %s", name, " ".join(f"{i}:{v:.2f}" for i, v in enumerate(values)))
     print(f"{split} {'loss' if args.use_loss_as_perf else the_task.perf_label}: {perf:.4f}")
     if args.results_name:
         append_results_row(args.results_name, {
