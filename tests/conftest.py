@@ -106,3 +106,31 @@ def tiny_seg_run(tmp_path):
     overrides = SEG_TINY_OVERRIDES + ["DATASET.ROOT", str(tmp_path / "data"), "OUTPUT_DIR", str(tmp_path / "out"),
                                       "LOG_DIR", str(tmp_path / "log")]
     return REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml", overrides, tmp_path
+
+
+def ddp_reference(cfg, task_name: str = "cls"):
+    """What a 2-process DDP run of ``cfg`` must end with, computed in one process: each global batch is the
+    two ranks' shards; without SyncBatchNorm (none on CPU) each shard is normalised with its own batch
+    statistics, so the per-shard gradients are averaged. Returns (trained model, initial state_dict)."""
+    import torch
+
+    from deqlab.data import build_loader
+    from deqlab.engine.optim import build_optimizer, build_scheduler
+    from deqlab.tasks import get_task
+
+    task = get_task(task_name, cfg)
+    torch.manual_seed(cfg.SEED)
+    model = task.build_model()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    shards = [build_loader(cfg, "train", distributed=True, world_size=2, rank=r) for r in range(2)]
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, len(shards[0]))
+    model.train()
+    for step, batches in enumerate(zip(*shards)):
+        optimizer.zero_grad()
+        for x, y in batches:
+            output, _ = model(x, train_step=step)
+            (task.loss(output, y) / 2).backward()
+        optimizer.step()
+        scheduler.step()
+    return model, init

@@ -6,15 +6,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 from deqlab.checkpoint import load_checkpoint
 from deqlab.config import load_config
-from deqlab.data import build_loader
 from deqlab.engine import Trainer
 from deqlab.engine.optim import build_optimizer, build_scheduler
-from deqlab.models import build_model
 from deqlab.utils.dist import DistInfo
+
+from conftest import ddp_reference
 
 
 def params_of(path):
@@ -73,22 +72,7 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batches(tiny_run
     cfg = load_config(path, overrides)
     ddp = params_of(tmp_path / "out/fashion_mnist/cls_mdeq_quickstart/final_state.pth")
 
-    # The reference: one process, each global batch = the two ranks' shards; without SyncBatchNorm each
-    # shard is normalised with its own batch statistics, so the reference averages the per-shard gradients.
-    torch.manual_seed(cfg.SEED)
-    model = build_model(cfg)
-    init = {k: v.clone() for k, v in model.state_dict().items()}
-    shards = [build_loader(cfg, "train", distributed=True, world_size=2, rank=r) for r in range(2)]
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, len(shards[0]))
-    model.train()
-    for step, batches in enumerate(zip(*shards)):
-        optimizer.zero_grad()
-        for x, y in batches:
-            logits, _ = model(x, train_step=step)
-            (F.cross_entropy(logits, y) / 2).backward()
-        optimizer.step()
-        scheduler.step()
+    model, init = ddp_reference(cfg)
     for name, param in model.named_parameters():
         assert not torch.equal(param.detach(), init[name]) or param.grad is None, name
         assert torch.allclose(ddp[name], param.detach(), atol=1e-5, rtol=0), name

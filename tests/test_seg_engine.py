@@ -10,13 +10,13 @@ from PIL import Image
 
 from deqlab.checkpoint import load_checkpoint
 from deqlab.config import load_config
-from deqlab.data import build_loader
 from deqlab.engine import Trainer
-from deqlab.engine.optim import build_optimizer, build_scheduler
 from deqlab.tasks import get_task
 from deqlab.utils.dist import DistInfo
 from test_cli import assert_one_line_error, run, tool
 from test_seg_data import _break
+
+from conftest import ddp_reference
 
 OUT = "out/cityscapes/seg_mdeq_SMALL"
 
@@ -57,21 +57,7 @@ def test_two_process_seg_ddp_matches_one_process(tiny_seg_run):
     mp.spawn(_ddp_worker, args=(tempfile.mktemp(dir=tmp), path, overrides), nprocs=2, join=True)
     ddp = load_checkpoint(tmp / OUT / "final_state.pth")["model"]
 
-    cfg = load_config(path, overrides)
-    task = get_task("seg", cfg)
-    torch.manual_seed(cfg.SEED)
-    model = task.build_model()
-    shards = [build_loader(cfg, "train", distributed=True, world_size=2, rank=r) for r in range(2)]
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, len(shards[0]))
-    model.train()
-    for step, batches in enumerate(zip(*shards)):
-        optimizer.zero_grad()
-        for x, y in batches:  # each rank normalises its own shard (no SyncBatchNorm on CPU): average the grads
-            logits, _ = model(x, train_step=step)
-            (task.loss(logits, y) / 2).backward()
-        optimizer.step()
-        scheduler.step()
+    model, _ = ddp_reference(load_config(path, overrides), "seg")
     for name, param in model.named_parameters():
         assert torch.allclose(ddp[name], param.detach(), atol=1e-5, rtol=0), name
 

@@ -1,7 +1,6 @@
 """MDEQ segmenter: the original's names, shapes and outputs (../shared/compat), registry, pretrained transfer."""
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
