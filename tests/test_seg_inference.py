@@ -67,16 +67,16 @@ def test_sliding_windows_equal_whole_image_when_windows_align_with_the_models_bl
     assert (shifted - whole).abs().max() > 1e-2
 
 
-def test_quarter_resolution_logits_are_upsampled_without_aligned_corners():
+def test_quarter_resolution_logits_are_upsampled_with_aligned_corners_as_in_training():
     model, x = LocalNet(pool=True), image(16, 24)
     low = model(x, -1, 5)[0]
     whole, _ = run(model, x)
     one_window, _ = run(model, x, (24, 16))  # the window is the image: one call
-    expected = F.interpolate(low, size=(16, 24), mode="bilinear", align_corners=False)
+    expected = F.interpolate(low, size=(16, 24), mode="bilinear", align_corners=True)
     torch.testing.assert_close(whole, expected)
     torch.testing.assert_close(one_window, expected)
-    aligned = F.interpolate(low, size=(16, 24), mode="bilinear", align_corners=True)
-    assert (whole - aligned).abs().max() > 1e-2
+    unaligned = F.interpolate(low, size=(16, 24), mode="bilinear", align_corners=False)
+    assert (whole - unaligned).abs().max() > 1e-2
 
 
 def test_flip_averages_with_the_mirrored_prediction():
@@ -148,7 +148,8 @@ def original_procedure(model, x, crop_h, crop_w, base_size, scales, flip):
         return out
 
     def inference(a):
-        up = lambda t: F.interpolate(model(t, -1, 5)[0], size=a.shape[-2:], mode="bilinear", align_corners=False)
+        # window logits upsampled as in training (align_corners=True); the original's test code used False
+        up = lambda t: F.interpolate(model(t, -1, 5)[0], size=a.shape[-2:], mode="bilinear", align_corners=True)
         pred = (up(a) + up(a.flip(-1)).flip(-1)) * 0.5 if flip else up(a)
         return pred.double().exp()
 

@@ -32,6 +32,11 @@ N_TRAIN, N_VAL, SEED = 6000, 1000, 0
 ITEMS_PER_SCENE = (3, 6)       # inclusive range
 ITEM_SIZE = (28, 48)           # inclusive range of the pasted side length in pixels
 VISIBLE_THRESHOLD = 40         # an item pixel is visible (and labelled) when its intensity exceeds this
+BACKGROUND_MAX = 60            # background blobs take values 0..BACKGROUND_MAX (plus noise of std 6)
+ITEM_FLOOR = 115               # item intensities 0..255 are painted as ITEM_FLOOR..255 (then tinted by 0.7-1),
+                               # so every labelled pixel (>= 96) stands out from the background (<= ~80)
+TINT = (0.7, 1.0)              # per-channel colour gains of an item
+GENERATOR_VERSION = 2          # bump when the scenes change: an older tree on disk is then refused
 NUM_CLASSES = 11               # background + the 10 Fashion-MNIST classes
 META = "fashion_scenes.json"
 SPLITS = {"train": "train", "val": "t10k"}  # scene split -> Fashion-MNIST file prefix
@@ -71,18 +76,20 @@ def load_fashion_mnist(fashion_dir: str, prefix: str) -> tuple[np.ndarray, np.nd
 
 def background(rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
     """Smooth colour blobs (a 4x8 grid upsampled bilinearly) plus pixel noise, dark enough for items to show."""
-    grid = rng.integers(0, 90, size=(4, 8, 3), dtype=np.uint8)
+    grid = rng.integers(0, BACKGROUND_MAX + 1, size=(4, 8, 3), dtype=np.uint8)
     smooth = np.asarray(Image.fromarray(grid).resize((hw[1], hw[0]), Image.BILINEAR), dtype=np.float64)
-    return np.clip(smooth + rng.normal(0.0, 8.0, size=smooth.shape), 0, 255).astype(np.uint8)
+    return np.clip(smooth + rng.normal(0.0, 6.0, size=smooth.shape), 0, 255).astype(np.uint8)
 
 
 def paste_item(canvas: np.ndarray, label: np.ndarray, item: np.ndarray, cls: int, top: int, left: int,
                tint: np.ndarray) -> None:
     """Paste a grayscale ``item`` (h, w) in place: where its intensity exceeds ``VISIBLE_THRESHOLD`` the
-    canvas takes ``intensity * tint`` and the label ``cls + 1``; elsewhere both stay as they are."""
+    canvas takes the intensity lifted above the background (``ITEM_FLOOR`` .. 255) times ``tint`` and the
+    label ``cls + 1``; elsewhere both stay as they are. A labelled pixel is thus always visible."""
     h, w = item.shape
     visible = item > VISIBLE_THRESHOLD
-    colour = np.rint(item[..., None] * tint).astype(np.uint8)
+    lifted = ITEM_FLOOR + (255 - ITEM_FLOOR) * item.astype(np.float64) / 255
+    colour = np.rint(lifted[..., None] * tint).astype(np.uint8)
     canvas[top:top + h, left:left + w][visible] = colour[visible]
     label[top:top + h, left:left + w][visible] = cls + 1
 
@@ -100,7 +107,7 @@ def make_scene(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray,
             item = np.asarray(Image.fromarray(item).resize((size, size), Image.BILINEAR))
         top = int(rng.integers(0, hw[0] - size + 1))
         left = int(rng.integers(0, hw[1] - size + 1))
-        paste_item(canvas, label, item, int(labels[idx]), top, left, rng.uniform(0.55, 1.0, size=3))
+        paste_item(canvas, label, item, int(labels[idx]), top, left, rng.uniform(*TINT, size=3))
     return canvas, label
 
 
@@ -152,7 +159,8 @@ def generate_fashion_scenes(folder: str, n_train: int = N_TRAIN, n_val: int = N_
     at once: the first rename wins and the others keep its tree.
     """
     folder = os.path.normpath(folder)
-    params = {"n_train": int(n_train), "n_val": int(n_val), "seed": int(seed), "hw": list(SCENE_HW)}
+    params = {"n_train": int(n_train), "n_val": int(n_val), "seed": int(seed), "hw": list(SCENE_HW),
+              "version": GENERATOR_VERSION}
     if _complete(folder, params):
         return False
     parent = os.path.dirname(folder)
