@@ -14,34 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from train_step import MODES, REPO, cpu_peak_mb, memory_growth, reset_cpu_peak
+from train_step import MODES, REPO, measure_steps, memory_growth
 
 CONFIG = REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml"
-
-
-def reset_peak(dev: torch.device) -> float:
-    """Start a per-step peak measurement; return the memory in use now (MB)."""
-    if dev.type != "cuda":
-        return reset_cpu_peak()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated() / 2**20
-
-
-def peak(dev: torch.device) -> float:
-    """The peak memory since :func:`reset_peak` (MB)."""
-    if dev.type != "cuda":
-        return cpu_peak_mb()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def measure(mode: str, f_thres: int, batch: int, crop: list[int], steps: int, device: str) -> dict:
@@ -63,35 +44,16 @@ def measure(mode: str, f_thres: int, batch: int, crop: list[int], steps: int, de
     labels = torch.randint(0, cfg.DATASET.NUM_CLASSES, (batch, height, width), device=dev)
     labels[:, :, : width // 8] = train.IGNORE_LABEL  # a band of ignored pixels, as Cityscapes has
 
-    storages: dict[int, int] = {}
+    def loss_and_info() -> tuple[torch.Tensor, dict]:
+        logits, info = model(x, train_step=10**9)
+        return criterion(logits, labels), info
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    def step(record: bool = False) -> dict:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if record else torch.enable_grad():
-            logits, info = model(x, train_step=10**9)
-            loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return info
-
-    info = step(record=True)  # warm-up; also records what autograd saves
-    times, peaks = [], []
-    for _ in range(steps):
-        base = reset_peak(dev)
-        start = time.perf_counter()
-        info = step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        peaks.append(peak(dev) - base)
+    run = measure_steps(loss_and_info, optimizer, dev, steps)
+    info = run["info"]
     return {"mode": mode, "f_thres": f_thres, "batch": batch, "crop": crop, "device": device,
-            "step_s": statistics.median(times), "fwd_steps": info["fwd"]["nstep"],
-            "bwd_steps": info["bwd"].get("nstep", 0), "saved_for_backward_mb": sum(storages.values()) / 2**20,
-            "peak_step_mb": max(peaks)}
+            "step_s": run["step_s"], "fwd_steps": info["fwd"]["nstep"],
+            "bwd_steps": info["bwd"].get("nstep", 0), "saved_for_backward_mb": run["saved_for_backward_mb"],
+            "peak_step_mb": run["peak_step_mb"]}
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,56 @@ def cpu_peak_mb() -> float:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) / 1024
 
 
+def reset_peak(dev: torch.device) -> float:
+    """Start a per-step peak measurement; return the memory in use now (MB)."""
+    if dev.type != "cuda":
+        return reset_cpu_peak()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**20
+
+
+def peak(dev: torch.device) -> float:
+    """The peak memory since :func:`reset_peak` (MB)."""
+    if dev.type != "cuda":
+        return cpu_peak_mb()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def measure_steps(loss_and_info: Callable[[], tuple[torch.Tensor, dict]], optimizer: torch.optim.Optimizer,
+                  dev: torch.device, steps: int) -> dict:
+    """One warm-up training step that records what autograd saves, then ``steps`` timed ones with their
+    peaks. ``loss_and_info()`` runs the forward and the loss. Returns the last ``info``, the median step time,
+    the saved-for-backward and the largest per-step peak memory (MB)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    def step(record: bool = False) -> dict:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if record else torch.enable_grad():
+            loss, info = loss_and_info()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return info
+
+    info = step(record=True)
+    times, peaks = [], []
+    for _ in range(steps):
+        base = reset_peak(dev)
+        start = time.perf_counter()
+        info = step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        peaks.append(peak(dev) - base)
+    return {"info": info, "step_s": statistics.median(times), "saved_for_backward_mb": sum(storages.values()) / 2**20,
+            "peak_step_mb": max(peaks)}
+
+
 def measure(mode: str, f_thres: int, batch: int, steps: int, device: str, f_solver: str) -> dict:
     """Time ``steps`` training steps of MDEQ-TINY (after one warm-up) and measure their memory."""
     from deqlab.config import load_config
@@ -64,44 +115,16 @@ def measure(mode: str, f_thres: int, batch: int, steps: int, device: str, f_solv
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = torch.randn(batch, 3, 32, 32, device=dev), torch.randint(0, 10, (batch,), device=dev)
 
-    storages: dict[int, int] = {}
+    def loss_and_info() -> tuple[torch.Tensor, dict]:
+        logits, info = model(x, train_step=10**9)
+        return F.cross_entropy(logits, y), info
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    def step(record: bool = False) -> dict:
-        if record:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                logits, info = model(x, train_step=10**9)
-        else:
-            logits, info = model(x, train_step=10**9)
-        loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return info
-
-    info = step(record=True)  # warm-up; also records what autograd saves
-    times, peaks = [], []
-    for _ in range(steps):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated() / 2**20
-        else:
-            base = reset_cpu_peak()
-        start = time.perf_counter()
-        info = step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        peaks.append((torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else cpu_peak_mb()) - base)
-    peak = max(peaks)
+    run = measure_steps(loss_and_info, optimizer, dev, steps)
+    info = run["info"]
     return {"mode": mode, "f_solver": f_solver, "f_thres": f_thres, "batch": batch, "device": device,
-            "step_s": statistics.median(times), "images_per_s": batch / statistics.median(times),
+            "step_s": run["step_s"], "images_per_s": batch / run["step_s"],
             "fwd_steps": info["fwd"]["nstep"], "bwd_steps": info["bwd"].get("nstep", 0),
-            "saved_for_backward_mb": sum(storages.values()) / 2**20, "peak_step_mb": peak}
+            "saved_for_backward_mb": run["saved_for_backward_mb"], "peak_step_mb": run["peak_step_mb"]}
 
 
 def memory_growth(rows: list[dict], modes: list[str], f_thres: list[int]) -> tuple[dict, dict]:
