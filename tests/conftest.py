@@ -53,9 +53,13 @@ TINY_OVERRIDES = [
 def tiny_run(tmp_path):
     """(config path, overrides, tmp_path) for a seconds-long training run on a tiny Fashion-MNIST."""
     write_fashion_mnist(tmp_path / "data")
-    overrides = TINY_OVERRIDES + ["DATASET.ROOT", str(tmp_path / "data"), "OUTPUT_DIR", str(tmp_path / "out"),
-                                  "LOG_DIR", str(tmp_path / "log")]
-    return REPO / "experiments/fashion_mnist/cls_mdeq_quickstart.yaml", overrides, tmp_path
+    return REPO / "experiments/fashion_mnist/cls_mdeq_quickstart.yaml", in_tmp(TINY_OVERRIDES, tmp_path), tmp_path
+
+
+def in_tmp(overrides: list[str], tmp_path: Path) -> list[str]:
+    """``overrides`` plus data under ``tmp_path/data`` and every output under ``tmp_path``."""
+    return overrides + ["DATASET.ROOT", str(tmp_path / "data"), "OUTPUT_DIR", str(tmp_path / "out"),
+                        "LOG_DIR", str(tmp_path / "log")]
 
 
 def write_seg_tree(root: Path, n_train: int = 8, n_val: int = 4, seed: int = 0) -> Path:
@@ -103,9 +107,7 @@ SEG_TINY_OVERRIDES = [
 def tiny_seg_run(tmp_path):
     """(config path, overrides, tmp_path) for a seconds-long segmentation run on a tiny Cityscapes tree."""
     write_seg_tree(tmp_path / "data")
-    overrides = SEG_TINY_OVERRIDES + ["DATASET.ROOT", str(tmp_path / "data"), "OUTPUT_DIR", str(tmp_path / "out"),
-                                      "LOG_DIR", str(tmp_path / "log")]
-    return REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml", overrides, tmp_path
+    return REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml", in_tmp(SEG_TINY_OVERRIDES, tmp_path), tmp_path
 
 
 def ddp_reference(cfg, task_name: str = "cls"):
