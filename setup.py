@@ -15,5 +15,8 @@ setup(
         "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.7"],
         "bench": ["torchdeq==0.1.0"],
         "plot": ["matplotlib>=3.7"],
+        # NVIDIA DALI loaders (DATASET.LOADER dali); the CUDA 13 build, which also runs CPU-only pipelines.
+        # For CUDA 12 drivers install nvidia-dali-cuda120 instead.
+        "dali": ["nvidia-dali-cuda130>=2.0"],
     },
 )

@@ -62,6 +62,45 @@ def in_tmp(overrides: list[str], tmp_path: Path) -> list[str]:
                         "LOG_DIR", str(tmp_path / "log")]
 
 
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+# The real Fashion-MNIST from Debian's dataset-fashion-mnist (scripts/test.sh installs it; CI must have it).
+needs_debian_fashion = pytest.mark.skipif(
+    not (DEBIAN_FASHION / "t10k-images-idx3-ubyte.gz").is_file() and os.environ.get("CI") != "true",
+    reason=f"Debian package dataset-fashion-mnist not installed ({DEBIAN_FASHION})")
+IMAGENET_TINY_OVERRIDES = [
+    "MODEL.NUM_CLASSES", "10", "MODEL.IMAGE_SIZE", "[32, 32]", "MODEL.DOWNSAMPLE_TIMES", "1",
+    "MODEL.EXPANSION_FACTOR", "2", "MODEL.NUM_GROUPS", "2", "MODEL.NUM_LAYERS", "3",
+    "MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", "2", "MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS", "[1, 1]",
+    "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[4, 8]", "MODEL.EXTRA.FULL_STAGE.HEAD_CHANNELS", "[2, 4]",
+    "MODEL.EXTRA.FULL_STAGE.FINAL_CHANSIZE", "16", "DEQ.F_THRES", "6", "DEQ.B_THRES", "6",
+    "TRAIN.PRETRAIN_STEPS", "2", "TRAIN.PRECISE_BN_BATCHES", "2", "DEVICE", "cpu", "PRINT_FREQ", "1",
+]
+
+
+def write_jpeg_tree(root: Path, n_train: int = 40, n_val: int = 29, seed: int = 0) -> Path:
+    """An ImageNet-layout tree ``root/{train,val}/class_<k>/<i>.JPEG`` of real Fashion-MNIST test images
+    (RGB JPEGs, each resized to a random 40-80 x 40-80 so resizing and cropping matter). Returns ``root``."""
+    import gzip
+
+    from PIL import Image
+
+    with gzip.open(DEBIAN_FASHION / "t10k-images-idx3-ubyte.gz") as fh:
+        images = np.frombuffer(fh.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(DEBIAN_FASHION / "t10k-labels-idx1-ubyte.gz") as fh:
+        labels = np.frombuffer(fh.read(), np.uint8, offset=8)
+    rng = np.random.default_rng(seed)
+    start = 0
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(start, start + n):
+            folder = root / split / f"class_{labels[i]}"
+            folder.mkdir(parents=True, exist_ok=True)
+            size = (int(rng.integers(40, 81)), int(rng.integers(40, 81)))
+            Image.fromarray(images[i]).convert("RGB").resize(size, Image.BILINEAR).save(
+                folder / f"{i:05d}.JPEG", quality=90)
+        start += n
+    return root
+
+
 def write_seg_tree(root: Path, n_train: int = 8, n_val: int = 4, seed: int = 0) -> Path:
     """A tiny learnable Cityscapes tree in the real layout (``root/cityscapes/{leftImg8bit,gtFine}/...``,
     ``root/list/cityscapes/{train,val}.lst``): 32x64 frames of road (id 7) below sky (id 23) with a car

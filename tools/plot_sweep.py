@@ -40,8 +40,8 @@ def main() -> None:
                 ax.fill_between(budgets, [s.low for s in stats], [s.high for s in stats], color=line.get_color(),
                                 alpha=0.2, linewidth=0)
     ax_res.set_yscale("log")
-    ax_perf.set(xlabel="forward solver budget (DEQ.F_THRES)", ylabel=perf_label)
-    ax_res.set(xlabel="forward solver budget (DEQ.F_THRES)", ylabel="final relative residual")
+    ax_perf.set(xlabel="forward solver budget at test time (F_THRES)", ylabel=perf_label)
+    ax_res.set(xlabel="forward solver budget at test time (F_THRES)", ylabel="final relative residual")
     for ax in (ax_perf, ax_res):
         ax.grid(True, alpha=0.3)
     ax_perf.legend()

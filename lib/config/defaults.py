@@ -130,12 +130,18 @@ _C.DATASET.DATASET = "cifar10"  # a name in deqlab.data.DATASETS: cifar10, fashi
 _C.DATASET.ROOT = "data/cifar10/"
 _C.DATASET.TRAIN_SET = "train"
 _C.DATASET.TEST_SET = "val"
-_C.DATASET.DATA_FORMAT = "jpg"  # unused: imagenet always reads image files under ROOT/TRAIN_SET/<class>/
+_C.DATASET.DATA_FORMAT = "jpg"  # imagenet: "jpg" = ROOT/<TRAIN_SET|TEST_SET>/<class>/<image>, "rec" = MXNet
+                                # recordIO ROOT/<set>.rec + .idx (tools/make_recordio.py)
+_C.DATASET.LOADER = "torchvision"  # ours, imagenet: "torchvision" (DataLoader workers) or "dali" (NVIDIA DALI,
+                                   # pip install -e '.[dali]'); same transforms, same batches
+_C.DATASET.DALI_DEVICE = "auto"    # ours, LOADER dali: decode on the "gpu" (mixed), the "cpu", or "auto" (gpu
+                                   # when the run is on CUDA)
 _C.DATASET.AUGMENT = True       # standard augmentation (random crop + flip for CIFAR/ImageNet)
 _C.DATASET.NUM_CLASSES = 19     # segmentation: number of classes (19 Cityscapes trainIds)
 _C.DATASET.LABEL_MAPPING = "cityscapes"  # ours: "cityscapes" (label ids -> trainIds) or "none" (ids as is)
 allow("DATASET", DATASET=registered("deqlab.data", "DATASETS", case_sensitive=False), ROOT=ANY, TRAIN_SET=ANY,
-      TEST_SET=ANY, DATA_FORMAT=unused(choice("jpg")), NUM_CLASSES=integer(lo=1),
+      TEST_SET=ANY, DATA_FORMAT=choice("jpg", "rec"), LOADER=choice("torchvision", "dali"),
+      DALI_DEVICE=choice("auto", "cpu", "gpu"), NUM_CLASSES=integer(lo=1),
       LABEL_MAPPING=choice("cityscapes", "none"))
 
 _C.TRAIN = CN()
@@ -153,6 +159,8 @@ _C.TRAIN.ALL_UNROLLED = False   # ours: train unrolled for the whole run (the fi
 _C.TRAIN.BEGIN_EPOCH = 0
 _C.TRAIN.END_EPOCH = 100
 _C.TRAIN.RESUME = False         # resume from OUTPUT_DIR/.../checkpoint.pth if it exists
+_C.TRAIN.RESUME_FILE = ""       # ours: resume from this checkpoint (model, optimizer, schedule, epoch) instead;
+                                # the run's own checkpoint.pth is still where it saves
 _C.TRAIN.MODEL_FILE = ""        # full weights to start training from (all tensors must match)
 _C.TRAIN.BATCH_SIZE_PER_GPU = 32
 _C.TRAIN.SHUFFLE = True
@@ -174,18 +182,20 @@ allow("TRAIN", OPTIMIZER=choice("adam", "sgd", case_sensitive=False), LR=number(
       LR_SCHEDULER=choice("cosine", "step", "poly", case_sensitive=False), LR_FACTOR=number(lo=0, lo_open=True),
       LR_STEP=list_of(integer(lo=0)), WD=number(lo=0), MOMENTUM=number(0, 1, hi_open=True), CLIP=number(),
       PRETRAIN_STEPS=integer(lo=0), BEGIN_EPOCH=integer(lo=0), END_EPOCH=integer(lo="TRAIN.BEGIN_EPOCH"),
-      MODEL_FILE=ANY, BATCH_SIZE_PER_GPU=integer(lo=1), IMAGE_SIZE=_SIZE, BASE_SIZE=integer(lo=1),
+      MODEL_FILE=ANY, RESUME_FILE=ANY, BATCH_SIZE_PER_GPU=integer(lo=1), IMAGE_SIZE=_SIZE, BASE_SIZE=integer(lo=1),
       DOWNSAMPLERATE=integer(lo=1), IGNORE_LABEL=integer(0, 255), SCALE_FACTOR=integer(lo=0),
       PRECISE_BN_BATCHES=integer(lo=0))
 
 _C.TEST = CN()
 _C.TEST.BATCH_SIZE_PER_GPU = 32
 _C.TEST.MODEL_FILE = ""         # full weights to evaluate
+_C.TEST.F_THRES = 0             # ours: forward solver steps at evaluation (validation during training and the
+                                # test tools); 0 = DEQ.F_THRES. Trades accuracy for inference speed.
 # Segmentation evaluation
 _C.TEST.IMAGE_SIZE = [2048, 1024]  # sliding-window [width, height]
 _C.TEST.BASE_SIZE = 2048        # long side of an image at scale 1.0
 _C.TEST.FLIP_TEST = False       # average with the horizontally flipped prediction
 _C.TEST.MULTI_SCALE = False     # average over several scales
-allow("TEST", BATCH_SIZE_PER_GPU=integer(lo=1), MODEL_FILE=ANY, IMAGE_SIZE=_SIZE, BASE_SIZE=integer(lo=1))
+allow("TEST", BATCH_SIZE_PER_GPU=integer(lo=1), MODEL_FILE=ANY, F_THRES=integer(lo=0), IMAGE_SIZE=_SIZE, BASE_SIZE=integer(lo=1))
 
 DEFAULTS = _C

@@ -6,14 +6,16 @@ epoch; the test split sharded over ranks without padding).
 
 Where the files live: ``dataset_dir(cfg)`` is ``<DATA_DIR>/<DATASET.ROOT>/<name>`` (``DATA_DIR`` only
 prefixes a relative ROOT), except that a ROOT already ending in the dataset's folder name is used as is, so
-the locuslab/mdeq style ``ROOT: data/cifar10/`` and ``ROOT: data/`` both give ``data/cifar10``.
+the locuslab/mdeq style ``ROOT: data/cifar10/`` and ``ROOT: data/`` both give ``data/cifar10``; an ImageNet
+ROOT that itself holds ``<TRAIN_SET>``/``<TEST_SET>`` (folders or ``.rec``) is used as is, whatever its name
+(``run_mdeq.sh --data /datasets/ILSVRC2012``).
 Missing files raise :class:`deqlab.errors.DatasetError`; nothing is downloaded unless
 ``DEQLAB_ALLOW_DOWNLOAD=1``.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -21,10 +23,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from deqlab.data.fashion_scenes import build_fashion_scenes
 from deqlab.data.segmentation import build_segmentation
-from deqlab.data.vision import build_cifar10, build_fashion_mnist, build_imagenet, image_hw
-from deqlab.errors import DatasetError
+from deqlab.data.imagenet import build_imagenet, holds_imagenet
+from deqlab.data.vision import build_cifar10, build_fashion_mnist, image_hw
+from deqlab.errors import ConfigError, DatasetError
 
-__all__ = ["DATASETS", "build_dataset", "build_loader", "dataset_dir", "subsample", "image_hw"]
+__all__ = ["DATASETS", "build_dataset", "build_loader", "dataset_dir", "set_epoch", "subsample", "image_hw"]
 
 # name -> (builder(cfg, folder, split, augment), folder name under DATASET.ROOT)
 DATASETS: dict[str, tuple[Callable, str]] = {
@@ -46,6 +49,16 @@ def _lookup(cfg):
     return name, DATASETS[name]
 
 
+def _check_imagenet_options(cfg) -> None:
+    """DATA_FORMAT rec and LOADER dali exist for ImageNet-style data only: refuse them elsewhere."""
+    if str(cfg.DATASET.DATASET).lower() == "imagenet":
+        return
+    for key, plain in (("DATA_FORMAT", "jpg"), ("LOADER", "torchvision")):
+        if str(cfg.DATASET[key]) != plain:
+            raise ConfigError(f"DATASET.{key} {cfg.DATASET[key]} is for ImageNet-style data (DATASET.DATASET "
+                              f"imagenet); {cfg.DATASET.DATASET} needs DATASET.{key} {plain}")
+
+
 def dataset_dir(cfg) -> str:
     """The folder holding this dataset's files (see the module docstring)."""
     _, (_, sub) = _lookup(cfg)
@@ -53,7 +66,9 @@ def dataset_dir(cfg) -> str:
     if cfg.DATA_DIR and not os.path.isabs(root):
         root = os.path.join(os.path.expanduser(str(cfg.DATA_DIR)), root)
     root = os.path.normpath(root)
-    return root if os.path.basename(root) == sub else os.path.join(root, sub)
+    if os.path.basename(root) == sub or (sub == "imagenet" and holds_imagenet(cfg, root)):
+        return root
+    return os.path.join(root, sub)
 
 
 def subsample(dataset: Dataset, percent: float, seed: int) -> Dataset:
@@ -82,6 +97,7 @@ def build_dataset(cfg, split: str, augment: bool | None = None) -> Dataset:
     if not (0.0 < percent <= 1.0):  # checked before touching the disk
         raise DatasetError(f"PERCENT must be in (0, 1], got {cfg.PERCENT}")
     name, (builder, _) = _lookup(cfg)
+    _check_imagenet_options(cfg)
     if augment is None:
         augment = bool(cfg.DATASET.AUGMENT) and split == "train"
     dataset = builder(cfg, dataset_dir(cfg), split, bool(augment))
@@ -91,22 +107,29 @@ def build_dataset(cfg, split: str, augment: bool | None = None) -> Dataset:
 
 
 def build_loader(cfg, split: str, distributed: bool = False, augment: bool | None = None,
-                 world_size: int | None = None, rank: int | None = None) -> DataLoader:
-    """A DataLoader over ``build_dataset(cfg, split, augment)``.
+                 world_size: int | None = None, rank: int | None = None) -> Iterable:
+    """A DataLoader over ``build_dataset(cfg, split, augment)``, or with ``DATASET.LOADER dali`` a
+    ``deqlab.data.dali.DaliLoader`` giving the same batches (images NCHW float, labels int64).
 
     The train split always goes through a ``DistributedSampler`` (one replica when not ``distributed``),
     shuffled with ``cfg.SEED`` and the epoch: the order of an epoch depends on nothing else, so a resumed run
     sees the same batches, and N ranks with batch B see exactly the samples one process sees with batch N·B.
-    The caller calls ``loader.sampler.set_epoch(epoch)``. The test split is sharded without padding
+    The caller calls ``set_epoch(loader, epoch)``. The test split is sharded without padding
     (rank r takes samples r, r + N, ...), so metrics summed over ranks count every image once.
     """
-    dataset = build_dataset(cfg, split, augment=augment)
-    train = split == "train"
+    _check_imagenet_options(cfg)
     if distributed:
         world_size = dist.get_world_size() if world_size is None else world_size
         rank = dist.get_rank() if rank is None else rank
     else:
         world_size, rank = 1, 0
+    if str(cfg.DATASET.LOADER) == "dali":
+        from deqlab.data.dali import build_dali_loader  # DALI is an optional extra
+        if augment is None:
+            augment = bool(cfg.DATASET.AUGMENT) and split == "train"
+        return build_dali_loader(cfg, dataset_dir(cfg), split, augment, world_size, rank)
+    dataset = build_dataset(cfg, split, augment=augment)
+    train = split == "train"
     if train:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=bool(cfg.TRAIN.SHUFFLE),
                                      seed=int(cfg.SEED), drop_last=False)
@@ -122,3 +145,11 @@ def build_loader(cfg, split: str, distributed: bool = False, augment: bool | Non
         persistent_workers=workers > 0,
         drop_last=False,
     )
+
+
+def set_epoch(loader: Iterable, epoch: int) -> None:
+    """Start ``epoch`` of a train loader: reseeds its DistributedSampler's shuffle (a DALI loader's reader
+    reshuffles by itself)."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)

@@ -1,4 +1,4 @@
-"""Dataset builders: Fashion-MNIST, CIFAR-10 and ImageNet on torchvision's own classes.
+"""Dataset builders: Fashion-MNIST and CIFAR-10 on torchvision's own classes (ImageNet: ``deqlab.data.imagenet``).
 
 Each builder takes ``(cfg, folder, split, augment)`` where ``folder`` is the dataset's directory (see
 ``deqlab.data.dataset_dir``) and returns a ``torch.utils.data.Dataset`` of ``(image tensor, int label)``.
@@ -143,27 +143,3 @@ def build_cifar10(cfg, folder: str, split: str, augment: bool):
     except Exception as err:  # unpickling errors come in many types (UnpicklingError, EOFError, KeyError...)
         raise DatasetError(f"cifar10: cannot read {batches}: {type(err).__name__}: {err}; re-unpack "
                            f"cifar-10-python.tar.gz into {folder}") from err
-
-
-# ---------------------------------------------------------------- ImageNet
-def build_imagenet(cfg, folder: str, split: str, augment: bool):
-    sub = cfg.DATASET.TRAIN_SET if split == "train" else cfg.DATASET.TEST_SET
-    # locuslab/mdeq kept the class folders under ROOT/images/<set>; accept that layout too.
-    candidates = [os.path.join(folder, sub), os.path.join(folder, "images", sub)]
-    path = next((c for c in candidates if os.path.isdir(c)), None)
-    if path is None:
-        raise DatasetError(
-            f"imagenet: no {split} folder at {' or '.join(candidates)}; put the ILSVRC2012 images there as "
-            f"<class>/<image> folders (DATASET.ROOT / DATASET.{'TRAIN' if split == 'train' else 'TEST'}_SET "
-            f"choose the path)")
-    h, w = image_hw(cfg)
-    norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if augment:
-        tf = [transforms.RandomResizedCrop((h, w)), transforms.RandomHorizontalFlip()]
-    else:
-        tf = [transforms.Resize(int(max(h, w) / 0.875)), transforms.CenterCrop((h, w))]
-    try:
-        return datasets.ImageFolder(path, transform=transforms.Compose(tf + norm))
-    except (FileNotFoundError, OSError) as err:  # e.g. no class folders / no images with a known extension
-        raise DatasetError(f"imagenet: cannot use {path}: {err}; it must hold one folder per class with "
-                           f"image files inside") from err

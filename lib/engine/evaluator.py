@@ -13,7 +13,12 @@ from tqdm import tqdm
 from deqlab.solvers.common import solver_summary
 from deqlab.utils.dist import all_reduce_sum, is_main_process
 
-__all__ = ["autocast_context", "evaluate", "solver_summary"]
+__all__ = ["autocast_context", "eval_f_thres", "evaluate", "solver_summary"]
+
+
+def eval_f_thres(cfg: Any) -> int:
+    """The forward solver budget at evaluation: ``TEST.F_THRES``, or ``DEQ.F_THRES`` when it is 0."""
+    return int(cfg.TEST.F_THRES) or int(cfg.DEQ.F_THRES)
 
 
 def autocast_context(cfg: Any, device: torch.device) -> contextlib.AbstractContextManager:

@@ -11,7 +11,7 @@ import torch
 
 from deqlab.checkpoint import load_weights
 from deqlab.engine.cli import parse_config, tool_parser
-from deqlab.engine.evaluator import evaluate
+from deqlab.engine.evaluator import eval_f_thres, evaluate
 from deqlab.engine.trainer import Trainer, setup_logging
 from deqlab.errors import ConfigError
 from deqlab.tasks import get_task
@@ -78,7 +78,7 @@ def test_main(task: str, description: str, argv: list[str] | None = None,
         load_weights(model, cfg.TEST.MODEL_FILE)
         loader = the_task.build_loader(split, distributed=dist_info.distributed, augment=False)
         on_batch = batch_hook(args, cfg, loader) if batch_hook is not None else None
-        metrics = evaluate(the_task, model, loader, dist_info.device, f_thres=cfg.DEQ.F_THRES, desc="test",
+        metrics = evaluate(the_task, model, loader, dist_info.device, f_thres=eval_f_thres(cfg), desc="test",
                            on_batch=on_batch)
     finally:
         cleanup()
@@ -86,7 +86,7 @@ def test_main(task: str, description: str, argv: list[str] | None = None,
         return metrics
     perf = metrics["loss"] if args.use_loss_as_perf else metrics[the_task.best_metric]
     log.info("%s on %s (%d samples), F_THRES %d: %s  solver steps %.1f  residual %.2e", cfg.TEST.MODEL_FILE,
-             split, metrics["count"], cfg.DEQ.F_THRES, the_task.describe(metrics), metrics["fwd_steps"],
+             split, metrics["count"], eval_f_thres(cfg), the_task.describe(metrics), metrics["fwd_steps"],
              metrics["fwd_residual"])
     for name, values in metrics.items():  # per-class numbers (e.g. IoU), one line each
         if isinstance(values, list):
@@ -95,6 +95,6 @@ def test_main(task: str, description: str, argv: list[str] | None = None,
     if args.results_name:
         append_results_row(args.results_name, {
             "config": args.cfg, "checkpoint": cfg.TEST.MODEL_FILE, "split": split, "seed": cfg.SEED,
-            "f_solver": cfg.DEQ.F_SOLVER, "f_thres": cfg.DEQ.F_THRES, "f_eps": cfg.DEQ.F_EPS, "perf": perf,
+            "f_solver": cfg.DEQ.F_SOLVER, "f_thres": eval_f_thres(cfg), "f_eps": cfg.DEQ.F_EPS, "perf": perf,
             **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
     return metrics

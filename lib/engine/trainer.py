@@ -20,10 +20,12 @@ from tqdm import tqdm
 
 from deqlab.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from deqlab.config import dump_config
-from deqlab.engine.evaluator import autocast_context, evaluate, solver_summary
+from deqlab.data import set_epoch
+from deqlab.engine.evaluator import autocast_context, eval_f_thres, evaluate, solver_summary
 from deqlab.engine.optim import build_optimizer, build_scheduler
 from deqlab.engine.precise_bn import log_gap, recompute_bn_stats
 from deqlab.engine.run_files import run_files
+from deqlab.errors import CheckpointError
 from deqlab.tasks import Task, get_task
 from deqlab.utils.dist import DistInfo, barrier, init_distributed
 
@@ -96,6 +98,9 @@ class Trainer:
         fp16 = cfg.AMP.ENABLED and cfg.AMP.DTYPE == "float16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.epoch, self.step, self.best = cfg.TRAIN.BEGIN_EPOCH, 0, 0.0
+        self.resume_from = Path(cfg.TRAIN.RESUME_FILE) if cfg.TRAIN.RESUME_FILE else self.files.checkpoint
+        if cfg.TRAIN.RESUME_FILE and not self.resume_from.is_file():
+            raise CheckpointError(f"TRAIN.RESUME_FILE {self.resume_from} not found")
         self.writer = None
         if self.dist.is_main:  # written only once the config, weights and data have all been accepted
             dump_config(cfg, self.files.config)
@@ -164,7 +169,7 @@ class Trainer:
 
     def train_epoch(self) -> dict[str, float]:
         self.net.train()
-        self.train_loader.sampler.set_epoch(self.epoch)
+        set_epoch(self.train_loader, self.epoch)
         totals: dict[str, float] = {}
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.cfg.TRAIN.END_EPOCH}",
                    disable=not self.dist.is_main, dynamic_ncols=True)
@@ -199,8 +204,8 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> dict[str, float]:
         """Train until ``TRAIN.END_EPOCH`` (or ``stop_after`` more epochs); return the last validation metrics."""
         ckpt = self.files.checkpoint
-        if self.cfg.TRAIN.RESUME and ckpt.is_file():
-            self.resume(ckpt)
+        if (self.cfg.TRAIN.RESUME or self.cfg.TRAIN.RESUME_FILE) and self.resume_from.is_file():
+            self.resume(self.resume_from)
         elif self.cfg.TRAIN.RESUME:
             log.info("TRAIN.RESUME: no checkpoint at %s, starting from scratch", ckpt)
         metrics: dict[str, float] = {}
@@ -210,7 +215,7 @@ class Trainer:
             start = time.time()
             train = self.train_epoch()
             self.precise_bn()
-            metrics = evaluate(self.task, self.net, self.test_loader, self.device)
+            metrics = evaluate(self.task, self.net, self.test_loader, self.device, f_thres=eval_f_thres(self.cfg))
             self.epoch += 1
             train_text = " ".join(f"{k} {v:.4g}" for k, v in train.items() if k not in TRAIN_STATS or k == "loss")
             log.info("epoch %d/%d  train %s  |  test %s  |  solver steps %.1f residual %.2e  |  %.0fs",
