@@ -15,6 +15,7 @@ setup(
         "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.7"],
         "bench": ["torchdeq==0.1.0"],
         "plot": ["matplotlib>=3.7"],
+        "lm": ["rdata>=1.0"],
         # NVIDIA DALI loaders (DATASET.LOADER dali); the CUDA 13 build, which also runs CPU-only pipelines.
         # For CUDA 12 drivers install nvidia-dali-cuda120 instead.
         "dali": ["nvidia-dali-cuda130>=2.0"],
