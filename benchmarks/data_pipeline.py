@@ -101,10 +101,11 @@ def main() -> None:
                     "TRAIN.BATCH_SIZE_PER_GPU", str(args.batch), "TEST.BATCH_SIZE_PER_GPU", str(args.batch),
                     "DEVICE", "cuda" if device == "gpu" else "auto"])
                 images_s, count = rate(cfg, split, args.epochs)
-                rows.append({"loader": loader, "format": fmt, "decode": device, "split": split,
+                split_name = "val" if split == "test" else split
+                rows.append({"loader": loader, "format": fmt, "decode": device, "split": split_name,
                              "images_per_s": images_s, "images": count, "workers": args.workers,
                              "batch": args.batch})
-                print(f"{loader:12s} {fmt:4s} {device:4s} {'val' if split == 'test' else split:6s} "
+                print(f"{loader:12s} {fmt:4s} {device:4s} {split_name:6s} "
                       f"{images_s:9.1f} images/s  ({count} images per epoch)", flush=True)
     base = {(r["split"], r["format"]): r["images_per_s"] for r in rows if r["loader"] == "torchvision"}
     print("\nratio to torchvision (same split and format):")

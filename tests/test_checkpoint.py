@@ -26,6 +26,9 @@ def test_round_trip_keeps_tensors_and_primitives(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(loaded["model"][k], v)
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pth"]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "ck.pth").stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would, not mkstemp's 0600
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):

@@ -31,7 +31,6 @@ import hashlib
 import io
 import json
 import lzma
-import os
 import re
 import shutil
 import subprocess
@@ -282,10 +281,8 @@ def load_novels(deb: str | Path | None = None, rdata_dir: str | Path | None = No
 
 
 def _write(path: Path, text: str) -> None:
-    """Atomic write, then world-readable like any data file (the temporary file is created 0600)."""
     with atomic_open(path, "w") as fh:
         fh.write(text)
-    os.chmod(path, 0o644)
 
 
 def build_corpus(novels: dict[str, list[str]], out_dir: str | Path, min_count: int = 3, force: bool = False,

@@ -202,7 +202,6 @@ def load_corpus(root: str | os.PathLike, cache: bool = True, cache_dir: str | os
         try:
             with atomic_open(target, "wb") as fh:
                 torch.save(blob, fh)
-            os.chmod(target, 0o644)
         except OSError as err:
             warnings.warn(f"could not write the corpus cache {target} ({err}); pass cache_dir= to cache elsewhere")
     return corpus
