@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from deqlab.checkpoint import load_checkpoint
 from deqlab.config import load_config
 from deqlab.engine import Trainer
-from deqlab.engine.optim import build_optimizer, build_scheduler
+from deqlab.engine.optim import build_optimizer, build_scheduler, observe_validation
 from deqlab.utils.dist import DistInfo
 
 from conftest import ddp_reference
@@ -96,3 +96,56 @@ def test_schedules_are_stepped_per_iteration(name, expected_at):
     for it, lr in expected_at.items():
         assert math.isclose(seen[it], lr, abs_tol=1e-12), (it, seen[it])
     assert optimizer.param_groups[0]["nesterov"] is False and optimizer.param_groups[0]["momentum"] == 0.9
+
+
+def lr_trace(overrides, steps, observe=()):
+    cfg = load_config(None, ["TRAIN.LR", "1.0", "TRAIN.OPTIMIZER", "adam", *overrides])
+    optimizer = build_optimizer(cfg, torch.nn.Linear(1, 1))
+    scheduler = build_scheduler(cfg, optimizer, iters_per_epoch=1)
+    seen = []
+    for it in range(steps):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+        if it in observe:
+            observe_validation(scheduler, observe[it])
+    return seen, scheduler
+
+
+def test_language_model_schedules():
+    # locuslab/deq's inv_sqrt: step / W^1.5 while warming up, then 1/sqrt(step)
+    seen, _ = lr_trace(["TRAIN.LR_SCHEDULER", "inv_sqrt", "TRAIN.WARMUP_STEPS", "4"], 10)
+    assert seen[:3] == [0.0, 1 / 8, 2 / 8] and math.isclose(seen[9], 1 / 3)
+    # linear warm-up, then cosine over MAX_STEP down to LR_MIN
+    seen, _ = lr_trace(["TRAIN.LR_SCHEDULER", "cosine", "TRAIN.WARMUP_STEPS", "2", "TRAIN.MAX_STEP", "10",
+                        "TRAIN.LR_MIN", "0.1"], 12)
+    assert seen[:2] == [0.0, 0.5] and math.isclose(seen[5], 0.1 + 0.9 * 0.5) and math.isclose(seen[11], 0.1)
+    # plateau (dev_perf): x LR_FACTOR once the loss failed to improve more than PATIENCE times; restored on resume
+    seen, scheduler = lr_trace(["TRAIN.LR_SCHEDULER", "plateau", "TRAIN.PATIENCE", "1", "TRAIN.LR_FACTOR", "0.5"],
+                               8, observe={0: 3.0, 1: 2.0, 2: 2.5, 3: 2.4, 4: 1.0})
+    assert seen == [1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
+    _, fresh = lr_trace(["TRAIN.LR_SCHEDULER", "plateau"], 1)
+    fresh.load_state_dict(scheduler.state_dict())
+    assert fresh.lr_lambdas[0].scale == 0.5 and fresh.lr_lambdas[0].best == 1.0
+    assert isinstance(build_optimizer(load_config(None, ["TRAIN.OPTIMIZER", "RAdam"]), torch.nn.Linear(1, 1)),
+                      torch.optim.RAdam)
+
+
+def test_mid_epoch_validation_and_exact_resume(tiny_run):
+    """EVAL_INTERVAL validates and checkpoints mid-epoch; a run resumed from such a checkpoint skips the batches
+    already trained and ends like an uninterrupted one; MAX_STEP stops it."""
+    path, overrides, tmp = tiny_run
+    overrides = overrides + ["MODEL.DROPOUT", "0.2", "TRAIN.EVAL_INTERVAL", "2", "TRAIN.MAX_STEP", "5",
+                             "TRAIN.END_EPOCH", "9", "TRAIN.PRECISE_BN_BATCHES", "0",
+                             "TRAIN.LR_SCHEDULER", "constant"]  # so that the cut run's MAX_STEP 4 changes no LR
+    full = Trainer(load_config(path, overrides + ["OUTPUT_DIR", str(tmp / "full")]), path)
+    full_metrics = full.fit()
+    assert full.step == 5 and full.epoch == 1 and full.batch_in_epoch == 2  # 3 batches per epoch
+    cut = Trainer(load_config(path, overrides + ["OUTPUT_DIR", str(tmp / "cut"), "TRAIN.MAX_STEP", "4"]), path)
+    cut.fit()
+    state = load_checkpoint(cut.out_dir / "checkpoint.pth")
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 1, 4)  # saved mid-epoch 2
+    resumed = Trainer(load_config(path, overrides + ["OUTPUT_DIR", str(tmp / "cut"), "TRAIN.RESUME", "True"]), path)
+    assert resumed.fit() == full_metrics and resumed.step == 5
+    a, b = params_of(full.out_dir / "final_state.pth"), params_of(resumed.out_dir / "final_state.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -145,9 +145,15 @@ allow("DATASET", DATASET=registered("deqlab.data", "DATASETS", case_sensitive=Fa
       LABEL_MAPPING=choice("cityscapes", "none"))
 
 _C.TRAIN = CN()
-_C.TRAIN.OPTIMIZER = "adam"     # adam | sgd
+_C.TRAIN.OPTIMIZER = "adam"     # adam | radam | sgd
 _C.TRAIN.LR = 0.001
-_C.TRAIN.LR_SCHEDULER = "cosine"  # cosine | step | poly, stepped every iteration
+_C.TRAIN.LR_SCHEDULER = "cosine"  # cosine | step | poly | constant | inv_sqrt | plateau, stepped every iteration
+                                  # (deqlab.engine.optim.LRFactor; plateau = locuslab/deq's dev_perf)
+_C.TRAIN.WARMUP_STEPS = 0       # ours/locuslab/deq: linear warm-up iterations (inv_sqrt: its own warm-up)
+_C.TRAIN.LR_MIN = 0.0           # cosine: final LR (eta_min); plateau: lowest LR
+_C.TRAIN.PATIENCE = 0           # plateau: validations without improvement before the LR is multiplied by LR_FACTOR
+_C.TRAIN.MAX_STEP = 0           # stop after this many iterations (0: END_EPOCH decides); cosine spans MAX_STEP
+_C.TRAIN.EVAL_INTERVAL = 0      # validate (and checkpoint) every this many iterations; 0: after every epoch
 _C.TRAIN.LR_FACTOR = 0.1        # step schedule: multiply by this at each epoch in LR_STEP
 _C.TRAIN.LR_STEP = [30, 60, 90]
 _C.TRAIN.WD = 0.0
@@ -178,8 +184,10 @@ _C.TRAIN.MULTI_SCALE = True     # random rescale before cropping
 _C.TRAIN.DOWNSAMPLERATE = 1     # labels are downsampled by this factor
 _C.TRAIN.IGNORE_LABEL = 255     # label value excluded from loss and metrics
 _C.TRAIN.SCALE_FACTOR = 16      # multi-scale: scales drawn from 0.5 + randint(0, SCALE_FACTOR) / 10
-allow("TRAIN", OPTIMIZER=choice("adam", "sgd", case_sensitive=False), LR=number(lo=0, lo_open=True),
-      LR_SCHEDULER=choice("cosine", "step", "poly", case_sensitive=False), LR_FACTOR=number(lo=0, lo_open=True),
+allow("TRAIN", OPTIMIZER=registered("deqlab.engine.optim", "OPTIMIZERS", case_sensitive=False),
+      LR=number(lo=0, lo_open=True), LR_SCHEDULER=registered("deqlab.engine.optim", "SCHEDULES", case_sensitive=False),
+      WARMUP_STEPS=integer(lo=0), LR_MIN=number(lo=0), PATIENCE=integer(lo=0), MAX_STEP=integer(lo=0),
+      EVAL_INTERVAL=integer(lo=0), LR_FACTOR=number(lo=0, lo_open=True),
       LR_STEP=list_of(integer(lo=0)), WD=number(lo=0), MOMENTUM=number(0, 1, hi_open=True), CLIP=number(),
       PRETRAIN_STEPS=integer(lo=0), BEGIN_EPOCH=integer(lo=0), END_EPOCH=integer(lo="TRAIN.BEGIN_EPOCH"),
       MODEL_FILE=ANY, RESUME_FILE=ANY, BATCH_SIZE_PER_GPU=integer(lo=1), IMAGE_SIZE=_SIZE, BASE_SIZE=integer(lo=1),

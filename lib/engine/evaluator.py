@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from deqlab.solvers.common import solver_summary
-from deqlab.utils.dist import all_reduce_sum, is_main_process
+from deqlab.utils.dist import all_reduce_sum, is_main_process, to_device
 
 __all__ = ["autocast_context", "eval_f_thres", "evaluate", "solver_summary"]
 
@@ -35,11 +35,12 @@ def evaluate(task: Any, model: nn.Module, loader: DataLoader, device: torch.devi
     plus ``loss``, ``fwd_steps``, ``fwd_residual`` (means per sample) and ``count``. ``on_batch(i, output)``
     sees every batch's output (e.g. to save predictions)."""
     model.eval()
+    task.start_pass(train=False)
     meter = task.new_meter(device)
     sums = torch.zeros(4, dtype=torch.float64)  # loss·n, n, steps·n, residual·n
     for i, (x, y) in enumerate(tqdm(loader, desc=desc, leave=False, disable=not is_main_process(),
                                     dynamic_ncols=True)):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = to_device(x, device), y.to(device, non_blocking=True)
         with autocast_context(task.cfg, device):
             output, (steps, residual) = task.predict(model, x, f_thres)
         output = output.float()

@@ -10,37 +10,83 @@ from torch import nn
 
 from deqlab.errors import ConfigError
 
+OPTIMIZERS = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam, "sgd": torch.optim.SGD}
+
 
 def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
-    """Adam or SGD (momentum, Nesterov) over the trainable parameters, weight decay ``TRAIN.WD``."""
+    """Adam, RAdam or SGD (momentum, Nesterov) over the trainable parameters, weight decay ``TRAIN.WD``."""
     t = cfg.TRAIN
     params = [p for p in model.parameters() if p.requires_grad]
     name = t.OPTIMIZER.lower()
-    if name == "adam":
-        return torch.optim.Adam(params, lr=t.LR, weight_decay=t.WD)
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"TRAIN.OPTIMIZER must be one of {', '.join(OPTIMIZERS)}, got {t.OPTIMIZER!r}")
     if name == "sgd":
         return torch.optim.SGD(params, lr=t.LR, momentum=t.MOMENTUM, weight_decay=t.WD, nesterov=t.NESTEROV)
-    raise ConfigError(f"TRAIN.OPTIMIZER must be 'adam' or 'sgd', got {t.OPTIMIZER!r}")
+    return OPTIMIZERS[name](params, lr=t.LR, weight_decay=t.WD)
+
+
+class LRFactor:
+    """The learning-rate multiplier at iteration ``it`` (a callable object, so LambdaLR checkpoints its state).
+
+    - warm-up: linear from 0 over ``TRAIN.WARMUP_STEPS`` (all schedules but ``inv_sqrt``, which has its own);
+    - ``cosine``: ½(1 + cos(π·t/T)) down to ``TRAIN.LR_MIN``; ``poly``: (1 − t/T)^0.9 (HRNet/MDEQ segmentation);
+      ``step``: × LR_FACTOR at each epoch of LR_STEP; ``constant``;
+    - ``inv_sqrt`` (locuslab/deq): t / W^1.5 during the W warm-up steps, then 1/√t;
+    - ``plateau`` (locuslab/deq's ``dev_perf``): constant, × LR_FACTOR when the validation loss has not improved
+      for more than ``TRAIN.PATIENCE`` validations (``observe``), never below ``TRAIN.LR_MIN``.
+
+    T is ``TRAIN.MAX_STEP`` when set, else the epochs times the iterations per epoch.
+    """
+
+    def __init__(self, cfg: Any, iters_per_epoch: int) -> None:
+        t = cfg.TRAIN
+        self.name = t.LR_SCHEDULER.lower()
+        self.total = t.MAX_STEP if t.MAX_STEP > 0 else max(1, (t.END_EPOCH - t.BEGIN_EPOCH) * iters_per_epoch)
+        self.warmup, self.floor = t.WARMUP_STEPS, t.LR_MIN / t.LR
+        self.factor, self.patience = t.LR_FACTOR, t.PATIENCE
+        self.milestones = sorted((e - t.BEGIN_EPOCH) * iters_per_epoch for e in t.LR_STEP)
+        self.scale, self.best, self.bad = 1.0, math.inf, 0  # plateau state
+
+    def __call__(self, it: int) -> float:
+        if self.name == "inv_sqrt":
+            if it == 0 and self.warmup == 0:
+                return 1.0
+            return it / self.warmup ** 1.5 if it <= self.warmup else 1 / math.sqrt(it)
+        if it < self.warmup:
+            return it / self.warmup
+        progress = min(it, self.total) / self.total
+        if self.name == "cosine":
+            return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.name == "poly":
+            return (1 - progress) ** 0.9
+        if self.name == "step":
+            return self.factor ** bisect.bisect_right(self.milestones, it)
+        return self.scale  # constant, plateau
+
+    def observe(self, loss: float) -> None:
+        if self.name != "plateau":
+            return
+        if loss < self.best:
+            self.best, self.bad = loss, 0
+        else:
+            self.bad += 1
+            if self.bad > self.patience:
+                self.scale, self.bad = max(self.scale * self.factor, self.floor), 0
+
+
+SCHEDULES = ("cosine", "poly", "step", "constant", "inv_sqrt", "plateau")
 
 
 def build_scheduler(cfg: Any, optimizer: torch.optim.Optimizer,
                     iters_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """``cosine``: LR·½(1 + cos(π·t/T)) over the whole run; ``poly``: LR·(1 − t/T)^0.9 (the segmentation
-    schedule of HRNet/MDEQ); ``step``: × LR_FACTOR at each epoch of LR_STEP."""
-    t = cfg.TRAIN
-    total = max(1, (t.END_EPOCH - t.BEGIN_EPOCH) * iters_per_epoch)
-    name = t.LR_SCHEDULER.lower()
-    if name == "cosine":
-        def factor(it: int) -> float:
-            return 0.5 * (1 + math.cos(math.pi * min(it, total) / total))
-    elif name == "poly":
-        def factor(it: int) -> float:
-            return (1 - min(it, total) / total) ** 0.9
-    elif name == "step":
-        milestones = sorted((e - t.BEGIN_EPOCH) * iters_per_epoch for e in t.LR_STEP)
+    """The ``TRAIN.LR_SCHEDULER`` schedule (see :class:`LRFactor`), stepped every iteration."""
+    if cfg.TRAIN.LR_SCHEDULER.lower() not in SCHEDULES:
+        raise ConfigError(f"TRAIN.LR_SCHEDULER must be one of {', '.join(SCHEDULES)}, got {cfg.TRAIN.LR_SCHEDULER!r}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(cfg, iters_per_epoch))
 
-        def factor(it: int) -> float:
-            return t.LR_FACTOR ** bisect.bisect_right(milestones, it)
-    else:
-        raise ConfigError(f"TRAIN.LR_SCHEDULER must be 'cosine', 'poly' or 'step', got {t.LR_SCHEDULER!r}")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def observe_validation(scheduler: torch.optim.lr_scheduler.LambdaLR, loss: float) -> None:
+    """Tell the schedule a validation loss (the ``plateau`` schedule decays on it)."""
+    for factor in scheduler.lr_lambdas:
+        if isinstance(factor, LRFactor):
+            factor.observe(loss)

@@ -22,12 +22,12 @@ from deqlab.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from deqlab.config import dump_config
 from deqlab.data import set_epoch
 from deqlab.engine.evaluator import autocast_context, eval_f_thres, evaluate, solver_summary
-from deqlab.engine.optim import build_optimizer, build_scheduler
+from deqlab.engine.optim import build_optimizer, build_scheduler, observe_validation
 from deqlab.engine.precise_bn import log_gap, recompute_bn_stats
 from deqlab.engine.run_files import run_files
 from deqlab.errors import CheckpointError
 from deqlab.tasks import Task, get_task
-from deqlab.utils.dist import DistInfo, barrier, init_distributed
+from deqlab.utils.dist import DistInfo, barrier, init_distributed, to_device
 
 log = logging.getLogger("deqlab")
 
@@ -97,7 +97,10 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.train_loader))
         fp16 = cfg.AMP.ENABLED and cfg.AMP.DTYPE == "float16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
-        self.epoch, self.step, self.best = cfg.TRAIN.BEGIN_EPOCH, 0, 0.0
+        self.epoch, self.step, self.best = cfg.TRAIN.BEGIN_EPOCH, 0, None
+        self.batch_in_epoch = 0  # batches of the current epoch already trained (a mid-epoch checkpoint's position)
+        self.pending_rng: dict[str, Any] | None = None
+        self.last_validation = time.time()
         self.resume_from = Path(cfg.TRAIN.RESUME_FILE) if cfg.TRAIN.RESUME_FILE else self.files.checkpoint
         if cfg.TRAIN.RESUME_FILE and not self.resume_from.is_file():
             raise CheckpointError(f"TRAIN.RESUME_FILE {self.resume_from} not found")
@@ -114,7 +117,8 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch": self.epoch, "step": self.step, "best_metric": self.best, "rng": rng,
+                "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
+                "best_metric": self.best, "task": self.task.state_dict(), "rng": rng,
                 "config": self.cfg.dump(), "version": 1}
 
     def resume(self, path: Path) -> None:
@@ -124,13 +128,24 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best_metric"]
-        if self.dist.rank == 0:  # other ranks keep their own (seed + rank) streams
-            torch.set_rng_state(state["rng"]["torch"])
-            random.setstate((3, tuple(state["rng"]["python"]), None))
-            if state["rng"].get("cuda") is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        log.info("resumed from %s at epoch %d (step %d, best %s %.4g)", path, self.epoch, self.step,
-                 self.task.best_metric, self.best)
+        self.batch_in_epoch = state.get("batch_in_epoch", 0)
+        self.task.load_state_dict(state.get("task", {}), self.device)
+        # A mid-epoch checkpoint's random state is restored once the batches it had trained on are skipped
+        # (loading them draws augmentation randomness), so the next batch is drawn exactly as it was.
+        self.pending_rng = state["rng"]
+        if not self.batch_in_epoch:
+            self.restore_rng()
+        log.info("resumed from %s at epoch %d (step %d, best %s %s)", path, self.epoch, self.step,
+                 self.task.best_metric, "-" if self.best is None else f"{self.best:.4g}")
+
+    def restore_rng(self) -> None:
+        rng, self.pending_rng = self.pending_rng, None
+        if rng is None or self.dist.rank != 0:  # other ranks keep their own (seed + rank) streams
+            return
+        torch.set_rng_state(rng["torch"])
+        random.setstate((3, tuple(rng["python"]), None))
+        if rng.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     def save_weights(self, path: Path, metrics: dict[str, Any]) -> None:
         save_checkpoint(path, {"model": self.model.state_dict(), "epoch": self.epoch,
@@ -138,7 +153,7 @@ class Trainer:
                                "config": self.cfg.dump()})
 
     # ---- training ----------------------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def train_step(self, x: Any, y: torch.Tensor) -> dict[str, float]:
         """One optimizer step on the batch ``(x, y)``; returns the numbers the progress bar and tensorboard show."""
         cfg = self.cfg
         factor = jac_loss_weight(cfg, self.step, self.epoch)
@@ -148,7 +163,8 @@ class Trainer:
         jitter = torch.randint(-delta, 2, []).item() if delta > 0 and compute_jac else 0
         f_thres = max(1, cfg.DEQ.F_THRES + jitter)  # F_THRES <= delta must not leave the solver without a step
         with autocast_context(cfg, self.device):
-            output, info = self.net(x, train_step=self.step, compute_jac_loss=compute_jac, f_thres=f_thres)
+            output, info = self.task.forward(self.net, x, train_step=self.step, compute_jac_loss=compute_jac,
+                                             f_thres=f_thres)
             loss = self.task.loss(output, y)
         total = loss + factor * info["jac_loss"] if info["jac_loss"] is not None else loss
         self.optimizer.zero_grad(set_to_none=True)
@@ -168,22 +184,43 @@ class Trainer:
                 "bwd_residual": bwd_res, "lr": self.optimizer.param_groups[0]["lr"]}
 
     def train_epoch(self) -> dict[str, float]:
+        """Train until the end of the epoch (or ``TRAIN.MAX_STEP``), validating every ``TRAIN.EVAL_INTERVAL``
+        steps if set. A run resumed mid-epoch skips the batches it had already trained on."""
         self.net.train()
         set_epoch(self.train_loader, self.epoch)
+        skip = self.batch_in_epoch
+        if not skip:  # resumed mid-epoch, the task's state (e.g. a language model's memory) came with the checkpoint
+            self.task.start_pass(train=True)
         totals: dict[str, float] = {}
+        interval, count = self.cfg.TRAIN.EVAL_INTERVAL, 0
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.cfg.TRAIN.END_EPOCH}",
                    disable=not self.dist.is_main, dynamic_ncols=True)
-        for i, (x, y) in enumerate(bar, 1):
-            stats = self.train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        batches = iter(bar)
+        for _ in range(skip):  # with DataLoader workers the augmentation of the rest is not reproduced exactly
+            next(batches)
+        self.restore_rng()
+        for i, (x, y) in enumerate(batches, skip):
+            stats = self.train_step(to_device(x, self.device), to_device(y, self.device))
+            self.batch_in_epoch, count = i + 1, count + 1
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
-            task_stats = {k: f"{totals[k] / i:.1f}" for k in stats if k not in TRAIN_STATS}
-            bar.set_postfix(loss=f"{totals['loss'] / i:.3f}", **task_stats, nfe=f"{stats['fwd_steps']:.0f}",
+            task_stats = {k: f"{totals[k] / count:.1f}" for k in stats if k not in TRAIN_STATS}
+            bar.set_postfix(loss=f"{totals['loss'] / count:.3f}", **task_stats, nfe=f"{stats['fwd_steps']:.0f}",
                             lr=f"{stats['lr']:.2e}")
             if self.writer is not None and self.step % self.cfg.PRINT_FREQ == 0:
                 for k, v in stats.items():
                     self.writer.add_scalar(f"train/{k}", v, self.step)
-        return {k: v / max(len(self.train_loader), 1) for k, v in totals.items()}
+            if interval and self.step % interval == 0:
+                self.validate({k: v / count for k, v in totals.items()})
+                self.net.train()
+            if self.max_step_reached():
+                break
+        else:
+            self.batch_in_epoch = 0
+        return {k: v / max(count, 1) for k, v in totals.items()}
+
+    def max_step_reached(self) -> bool:
+        return 0 < self.cfg.TRAIN.MAX_STEP <= self.step
 
     def precise_bn(self) -> None:
         """Before an evaluation: measure the BatchNorm statistics on training batches and, with
@@ -195,14 +232,39 @@ class Trainer:
 
         def forward(model: nn.Module, batch: Any) -> None:
             with autocast_context(self.cfg, self.device):
-                self.task.predict(model, batch[0].to(self.device, non_blocking=True), None)
+                self.task.predict(model, to_device(batch[0], self.device), None)
 
         gap = recompute_bn_stats(self.model, self.train_loader, num, forward, update=self.cfg.TRAIN.PRECISE_BN)
         if self.dist.is_main:  # the measured statistics are merged over ranks: one line says it for all
             log_gap(gap, self.cfg.TRAIN.PRECISE_BN, time.time() - start)
 
+    def validate(self, train: dict[str, float]) -> dict[str, float]:
+        """Evaluate, log, and (rank 0) write the resume checkpoint and, if it improved, the best weights."""
+        self.precise_bn()
+        metrics = evaluate(self.task, self.net, self.test_loader, self.device, f_thres=eval_f_thres(self.cfg))
+        observe_validation(self.scheduler, metrics["loss"])
+        train_text = " ".join(f"{k} {v:.4g}" for k, v in train.items() if k not in TRAIN_STATS or k == "loss")
+        log.info("epoch %d/%d step %d  train %s  |  test %s  |  solver steps %.1f residual %.2e  |  %.0fs",
+                 self.epoch + (self.batch_in_epoch > 0), self.cfg.TRAIN.END_EPOCH, self.step, train_text,
+                 self.task.describe(metrics), metrics["fwd_steps"], metrics["fwd_residual"],
+                 time.time() - self.last_validation)
+        if self.dist.is_main:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"valid/{k}", v, self.step)
+            score = metrics[self.task.best_metric]
+            improved = self.best is None or (score > self.best if self.task.higher_is_better else score < self.best)
+            self.best = score if improved else self.best
+            save_checkpoint(self.files.checkpoint, self.state())
+            if improved:
+                self.save_weights(self.files.best, metrics)
+        barrier()
+        self.last_validation = time.time()
+        return metrics
+
     def fit(self, stop_after: int | None = None) -> dict[str, float]:
-        """Train until ``TRAIN.END_EPOCH`` (or ``stop_after`` more epochs); return the last validation metrics."""
+        """Train until ``TRAIN.END_EPOCH`` or ``TRAIN.MAX_STEP`` (or ``stop_after`` more epochs); return the
+        last validation metrics."""
         ckpt = self.files.checkpoint
         if (self.cfg.TRAIN.RESUME or self.cfg.TRAIN.RESUME_FILE) and self.resume_from.is_file():
             self.resume(self.resume_from)
@@ -211,30 +273,19 @@ class Trainer:
         metrics: dict[str, float] = {}
         end = self.cfg.TRAIN.END_EPOCH if stop_after is None else min(self.cfg.TRAIN.END_EPOCH,
                                                                      self.epoch + stop_after)
-        while self.epoch < end:
-            start = time.time()
+        interval = self.cfg.TRAIN.EVAL_INTERVAL
+        self.last_validation = time.time()
+        while self.epoch < end and not self.max_step_reached():
             train = self.train_epoch()
-            self.precise_bn()
-            metrics = evaluate(self.task, self.net, self.test_loader, self.device, f_thres=eval_f_thres(self.cfg))
-            self.epoch += 1
-            train_text = " ".join(f"{k} {v:.4g}" for k, v in train.items() if k not in TRAIN_STATS or k == "loss")
-            log.info("epoch %d/%d  train %s  |  test %s  |  solver steps %.1f residual %.2e  |  %.0fs",
-                     self.epoch, self.cfg.TRAIN.END_EPOCH, train_text, self.task.describe(metrics),
-                     metrics["fwd_steps"], metrics["fwd_residual"], time.time() - start)
-            if self.dist.is_main:
-                for k, v in metrics.items():
-                    if isinstance(v, (int, float)):
-                        self.writer.add_scalar(f"valid/{k}", v, self.epoch)
-                score = metrics[self.task.best_metric]
-                improved = score > self.best
-                self.best = max(self.best, score)
-                save_checkpoint(ckpt, self.state())
-                if improved:
-                    self.save_weights(self.files.best, metrics)
-            barrier()
-        if self.dist.is_main and self.epoch >= self.cfg.TRAIN.END_EPOCH:
+            if self.batch_in_epoch == 0:
+                self.epoch += 1
+            if not interval or (self.max_step_reached() and self.step % interval):
+                metrics = self.validate(train)  # per epoch, or the last steps after the last interval
+        finished = self.epoch >= self.cfg.TRAIN.END_EPOCH or self.max_step_reached()
+        if self.dist.is_main and finished:
             self.save_weights(self.files.final, metrics)
-            log.info("done: %s (best %s %.4g)", self.files.final, self.task.best_metric, self.best)
+            log.info("done: %s (best %s %s)", self.files.final, self.task.best_metric,
+                     "-" if self.best is None else f"{self.best:.4g}")
         if self.writer is not None:
             self.writer.close()
         return metrics

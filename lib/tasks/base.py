@@ -40,7 +40,8 @@ class Task:
     """The base task: a model from ``build_model(cfg, task=name)``, loaders from ``build_loader``."""
 
     name = ""
-    best_metric = ""                           # evaluation metric that picks model_best (higher is better)
+    best_metric = ""                           # evaluation metric that picks model_best
+    higher_is_better = True                    # ... and which way is better
     perf_label = ""                            # how the test tools print it
     pretrained_exclude: tuple[str, ...] = ()   # MODEL.PRETRAINED never loads tensors under these prefixes
     sync_batchnorm = False                     # convert BatchNorm to SyncBatchNorm on multi-GPU runs
@@ -54,6 +55,20 @@ class Task:
 
     def build_loader(self, split: str, distributed: bool, augment: bool | None = None) -> DataLoader:
         return build_loader(self.cfg, split, distributed=distributed, augment=augment)
+
+    def forward(self, net: nn.Module, x: Any, **kwargs: Any) -> tuple[Tensor, dict[str, Any]]:
+        """The training forward: ``(output, info)`` for ``loss(output, target)`` and the DEQ stats."""
+        return net(x, **kwargs)
+
+    def start_pass(self, train: bool) -> None:
+        """Called before each training epoch and each evaluation (a sequence model resets its memory)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State the task carries between batches (tensors and primitives), saved in the resume checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        """Restore :meth:`state_dict` when a run resumes."""
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         """The training loss of a batch (a scalar)."""
