@@ -51,7 +51,7 @@ _C.AMP.DTYPE = "bfloat16"      # "bfloat16" (no scaler) or "float16" (with GradS
 allow("AMP", DTYPE=choice("bfloat16", "float16"))
 
 _C.MODEL = CN()
-_C.MODEL.NAME = "mdeq"         # registry name: "mdeq" (classifier)
+_C.MODEL.NAME = "mdeq"         # registry name: "mdeq" (classifier, segmenter), "deq_transformer" (language model)
 _C.MODEL.PRETRAINED = ""       # partial transfer: load matching tensors, drop the classifier
 _C.MODEL.NUM_LAYERS = 5        # unrolled depth used during pretraining (f applied NUM_LAYERS times)
 _C.MODEL.NUM_CLASSES = 1000
@@ -91,6 +91,36 @@ allow("MODEL.EXTRA.FULL_STAGE", NUM_MODULES=unused(choice(1)), NUM_BRANCHES=inte
       HEAD_CHANNELS=list_of(integer(lo=1), min_length=_BRANCHES), FINAL_CHANSIZE=integer(lo=1),
       FUSE_METHOD=unused(choice("SUM")))
 
+# The DEQ-Transformer language model (MODEL.NAME deq_transformer; locuslab/deq DEQ-Sequence). Its unrolled
+# pretraining depth is MODEL.NUM_LAYERS (--n_layer), its hidden dropout MODEL.DROPOUT, weight norm MODEL.WNORM.
+_C.MODEL.TRANSFORMER = CN()
+_C.MODEL.TRANSFORMER.EVAL_N_LAYER = 24   # unrolled depth at evaluation while pretraining (--eval_n_layer)
+_C.MODEL.TRANSFORMER.N_HEAD = 10
+_C.MODEL.TRANSFORMER.D_HEAD = 70
+_C.MODEL.TRANSFORMER.D_MODEL = 700
+_C.MODEL.TRANSFORMER.D_EMBED = -1        # embedding width; -1: D_MODEL
+_C.MODEL.TRANSFORMER.D_INNER = 48000     # feed-forward width (48000 is what wt103_deq_transformer.sh passes)
+_C.MODEL.TRANSFORMER.DROPATT = 0.0       # attention dropout
+_C.MODEL.TRANSFORMER.ADAPTIVE = True     # adaptive input embedding and softmax over CUTOFFS clusters
+_C.MODEL.TRANSFORMER.DIV_VAL = 4         # each tail cluster's embedding is DIV_VAL times narrower
+_C.MODEL.TRANSFORMER.CUTOFFS = [20000, 40000, 200000]  # cluster boundaries (token ids, frequency order)
+_C.MODEL.TRANSFORMER.TIE_WEIGHTS = True  # softmax weights = embedding weights (--not_tied turns it off)
+_C.MODEL.TRANSFORMER.TIE_PROJS = True    # the tail clusters' softmax projections = their embedding projections
+_C.MODEL.TRANSFORMER.PRE_LNORM = False   # layer norm before (True) or after (False) each sublayer
+_C.MODEL.TRANSFORMER.LOCAL_SIZE = 0      # attend only to the last LOCAL_SIZE positions; 0: no limit
+allow("MODEL.TRANSFORMER", EVAL_N_LAYER=integer(lo=1), N_HEAD=integer(lo=1), D_HEAD=integer(lo=1),
+      D_MODEL=integer(lo=1), D_EMBED=integer(lo=-1), D_INNER=integer(lo=1), DROPATT=number(0, 1, hi_open=True),
+      DIV_VAL=integer(lo=1), CUTOFFS=list_of(integer(lo=1)), LOCAL_SIZE=integer(lo=0))
+
+_C.LM = CN()                   # ours: sequence logistics of language modelling (locuslab/deq flag names)
+_C.LM.TGT_LEN = 150            # tokens per training segment (--tgt_len)
+_C.LM.EVAL_TGT_LEN = 150       # tokens per evaluation segment (--eval_tgt_len)
+_C.LM.MEM_LEN = 150            # past positions kept as memory (--mem_len); 0: none
+_C.LM.EXT_LEN = 0              # extra context tokens before each segment (--ext_len)
+_C.LM.MAX_EVAL_STEPS = 0       # evaluate only the first N segments (--max_eval_steps); 0: all
+allow("LM", TGT_LEN=integer(lo=1), EVAL_TGT_LEN=integer(lo=1), MEM_LEN=integer(lo=0), EXT_LEN=integer(lo=0),
+      MAX_EVAL_STEPS=integer(lo=0))
+
 _C.DEQ = CN()
 _C.DEQ.F_SOLVER = "broyden"    # forward solver: broyden | anderson | fixed_point (deqlab.solvers registry)
 _C.DEQ.B_SOLVER = "broyden"    # backward (adjoint) solver, used when DEQ.GRAD == "ift"
@@ -99,8 +129,9 @@ _C.DEQ.F_THRES = 30            # max forward solver steps
 _C.DEQ.B_THRES = 40            # max backward solver steps
 _C.DEQ.F_EPS = 1e-3            # forward tolerance (in STOP_MODE)
 _C.DEQ.B_EPS = 1e-6            # backward tolerance (in STOP_MODE)
-_C.DEQ.RAND_F_THRES_DELTA = 2  # training iterations that add the Jacobian loss get F_THRES + a random
-                               # -delta..+1 forward steps (as the original); other iterations use F_THRES
+_C.DEQ.RAND_F_THRES_DELTA = 2  # MDEQ: iterations that add the Jacobian loss get F_THRES + a random -delta..+1
+                               # forward steps, others F_THRES (locuslab/mdeq); the DEQ-Transformer: every
+                               # iteration gets F_THRES - U{0..delta} (locuslab/deq). Never below 1.
 _C.DEQ.SPECTRAL_RADIUS_MODE = False  # estimate the Jacobian's spectral radius at z* in eval (diagnostic)
 _C.DEQ.GRAD = "ift"            # ours: "ift" (implicit), "phantom" or "unrolled"
 _C.DEQ.PHANTOM_STEPS = 5       # ours: k of the phantom gradient

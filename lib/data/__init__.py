@@ -37,6 +37,9 @@ DATASETS: dict[str, tuple[Callable, str]] = {
     # segmentation (deqlab.data.segmentation): items (image (3, H, W), label (H', W') int64)
     "cityscapes": (build_segmentation, "cityscapes"),
     "fashion_scenes": (build_fashion_scenes, "fashion_scenes"),
+    # language modelling (deqlab.data.lm, read by the lm task): {train,valid,test}.txt
+    "wikitext103": (None, "wikitext-103"),
+    "austen": (None, "austen"),
 }
 SPLITS = ("train", "test")
 
@@ -97,6 +100,8 @@ def build_dataset(cfg, split: str, augment: bool | None = None) -> Dataset:
     if not (0.0 < percent <= 1.0):  # checked before touching the disk
         raise DatasetError(f"PERCENT must be in (0, 1], got {cfg.PERCENT}")
     name, (builder, _) = _lookup(cfg)
+    if builder is None:
+        raise ConfigError(f"DATASET.DATASET {name} is a text corpus: train on it with tools/lm_train.py")
     _check_imagenet_options(cfg)
     if augment is None:
         augment = bool(cfg.DATASET.AUGMENT) and split == "train"

@@ -9,7 +9,6 @@ from typing import Any, Callable
 
 import torch
 
-from deqlab.checkpoint import load_weights
 from deqlab.engine.cli import parse_config, tool_parser
 from deqlab.engine.evaluator import eval_f_thres, evaluate
 from deqlab.engine.trainer import Trainer, setup_logging
@@ -29,6 +28,7 @@ def train_main(task: str, description: str, argv: list[str] | None = None) -> No
         trainer = Trainer(cfg, args.cfg, dist_info, task=task, keyed_by_seed=args.seed_explicit)
         setup_logging(dist_info.is_main, trainer.files.log)
         trainer.fit()
+        trainer.final_test()
     finally:
         cleanup()
 
@@ -59,7 +59,8 @@ def test_main(task: str, description: str, argv: list[str] | None = None,
     appends one row (config, checkpoint, seed, solver budget, metrics), e.g. for a test-time F_THRES sweep.
     ``batch_hook(args, cfg, loader)`` may return a per-batch callback (e.g. to save predictions)."""
     parser = tool_parser(description)
-    parser.add_argument("--results_name", default="", help="CSV file to append this evaluation's row to")
+    parser.add_argument("--results_name", "--results_file", dest="results_name", default="",
+                        help="CSV file to append this evaluation's row to")
     parser.add_argument("--use_loss_as_perf", action="store_true", help="report the loss as the performance")
     parser.add_argument("--valid_on_train", action="store_true", help="evaluate on the (unaugmented) train split")
     if add_arguments is not None:
@@ -75,7 +76,7 @@ def test_main(task: str, description: str, argv: list[str] | None = None,
     try:
         torch.manual_seed(cfg.SEED)
         model = the_task.build_model().to(dist_info.device)
-        load_weights(model, cfg.TEST.MODEL_FILE)
+        the_task.load_weights(model, cfg.TEST.MODEL_FILE)
         loader = the_task.build_loader(split, distributed=dist_info.distributed, augment=False)
         on_batch = batch_hook(args, cfg, loader) if batch_hook is not None else None
         metrics = evaluate(the_task, model, loader, dist_info.device, f_thres=eval_f_thres(cfg), desc="test",
@@ -96,5 +97,6 @@ def test_main(task: str, description: str, argv: list[str] | None = None,
         append_results_row(args.results_name, {
             "config": args.cfg, "checkpoint": cfg.TEST.MODEL_FILE, "split": split, "seed": cfg.SEED,
             "f_solver": cfg.DEQ.F_SOLVER, "f_thres": eval_f_thres(cfg), "f_eps": cfg.DEQ.F_EPS, "perf": perf,
+            **the_task.result_fields(),
             **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
     return metrics

@@ -87,7 +87,8 @@ class Trainer:
             if on_gpu and self.task.sync_batchnorm:  # SyncBatchNorm has no CPU (gloo) implementation
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if on_gpu
-                                                           else None)
+                                                           else None,
+                                                           find_unused_parameters=self.task.find_unused_parameters)
         torch.manual_seed(cfg.SEED + self.dist.rank)  # dropout masks and augmentation differ per rank
         random.seed(cfg.SEED + self.dist.rank)
 
@@ -158,10 +159,7 @@ class Trainer:
         cfg = self.cfg
         factor = jac_loss_weight(cfg, self.step, self.epoch)
         compute_jac = factor > 0 and torch.rand([]).item() < cfg.LOSS.JAC_LOSS_FREQ
-        delta = cfg.DEQ.RAND_F_THRES_DELTA
-        # As in the original: when the Jacobian term is on, the forward budget jitters by -delta..+1.
-        jitter = torch.randint(-delta, 2, []).item() if delta > 0 and compute_jac else 0
-        f_thres = max(1, cfg.DEQ.F_THRES + jitter)  # F_THRES <= delta must not leave the solver without a step
+        f_thres = self.task.train_f_thres(compute_jac)
         with autocast_context(cfg, self.device):
             output, info = self.task.forward(self.net, x, train_step=self.step, compute_jac_loss=compute_jac,
                                              f_thres=f_thres)
@@ -288,4 +286,21 @@ class Trainer:
                      "-" if self.best is None else f"{self.best:.4g}")
         if self.writer is not None:
             self.writer.close()
+        return metrics
+
+    def final_test(self) -> dict[str, float]:
+        """The task's final test split (a language model's test set) on the best weights; {} when it has none."""
+        split = self.task.final_test_split
+        if not split or not self.files.best.is_file():
+            return {}
+        load_weights(self.model, self.files.best)
+        frozen = self.cfg.is_frozen()
+        self.cfg.defrost()
+        self.cfg.DATASET.TEST_SET = split
+        if frozen:
+            self.cfg.freeze()
+        loader = self.task.build_loader("test", distributed=self.dist.distributed)
+        metrics = evaluate(self.task, self.net, loader, self.device, f_thres=eval_f_thres(self.cfg), desc=split)
+        log.info("%s split, best weights (%s): %s  |  solver steps %.1f residual %.2e", split, self.files.best,
+                 self.task.describe(metrics), metrics["fwd_steps"], metrics["fwd_residual"])
         return metrics

@@ -1,4 +1,5 @@
-"""Tasks the engine trains and evaluates, by name: ``cls`` (classification), ``seg`` (segmentation)."""
+"""Tasks the engine trains and evaluates, by name: ``cls`` (classification), ``seg`` (segmentation), ``lm``
+(language modelling)."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,9 +7,10 @@ from typing import Any
 from deqlab.errors import ConfigError
 from deqlab.tasks.base import Meter, Task
 from deqlab.tasks.classification import ClassificationTask
+from deqlab.tasks.language_model import LanguageModelTask
 from deqlab.tasks.segmentation import SegmentationTask
 
-TASKS: dict[str, type[Task]] = {"cls": ClassificationTask, "seg": SegmentationTask}
+TASKS: dict[str, type[Task]] = {"cls": ClassificationTask, "seg": SegmentationTask, "lm": LanguageModelTask}
 
 __all__ = ["Meter", "Task", "TASKS", "get_task", "register_task"]
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from deqlab.checkpoint import load_weights
 from deqlab.data import build_loader
 from deqlab.solvers.common import solver_summary
 from deqlab.models import build_model
@@ -45,6 +46,8 @@ class Task:
     perf_label = ""                            # how the test tools print it
     pretrained_exclude: tuple[str, ...] = ()   # MODEL.PRETRAINED never loads tensors under these prefixes
     sync_batchnorm = False                     # convert BatchNorm to SyncBatchNorm on multi-GPU runs
+    find_unused_parameters = False             # DDP: some parameters may get no gradient in a step
+    final_test_split = ""                      # a split the train tool evaluates the best weights on at the end
 
     def __init__(self, cfg: Any, full_test: bool = False) -> None:
         self.cfg = cfg
@@ -59,6 +62,21 @@ class Task:
     def forward(self, net: nn.Module, x: Any, **kwargs: Any) -> tuple[Tensor, dict[str, Any]]:
         """The training forward: ``(output, info)`` for ``loss(output, target)`` and the DEQ stats."""
         return net(x, **kwargs)
+
+    def train_f_thres(self, compute_jac_loss: bool) -> int:
+        """This training step's forward budget. MDEQ (locuslab/mdeq): when the Jacobian term is on, F_THRES
+        jitters by -RAND_F_THRES_DELTA..+1. Never below one step."""
+        delta = self.cfg.DEQ.RAND_F_THRES_DELTA
+        jitter = int(torch.randint(-delta, 2, []).item()) if delta > 0 and compute_jac_loss else 0
+        return max(1, self.cfg.DEQ.F_THRES + jitter)
+
+    def load_weights(self, model: nn.Module, path: str) -> None:
+        """Load a checkpoint's weights for evaluation (all tensors must fit)."""
+        load_weights(model, path)
+
+    def result_fields(self) -> dict[str, Any]:
+        """Extra columns of the test tools' ``--results_name`` CSV row (e.g. a language model's mem_len)."""
+        return {}
 
     def start_pass(self, train: bool) -> None:
         """Called before each training epoch and each evaluation (a sequence model resets its memory)."""
