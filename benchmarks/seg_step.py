@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-from train_step import MODES, REPO, measure_steps, memory_growth
+from train_step import MODES, REPO, measure_steps, memory_growth, run_grid
 
 CONFIG = REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml"
 
@@ -71,17 +69,9 @@ def main() -> None:
         print(json.dumps(measure(args.child[0], int(args.child[1]), args.batch, args.crop, args.steps, args.device)))
         return
 
-    rows = []
-    print(f"{'mode':<10}{'F_THRES':>8}{'step s':>9}{'fwd/bwd steps':>15}{'saved MB':>10}{'peak MB':>9}")
-    for mode in args.modes:
-        for f_thres in args.f_thres:
-            cmd = [sys.executable, __file__, "--child", mode, str(f_thres), "--batch", str(args.batch),
-                   "--crop", *map(str, args.crop), "--steps", str(args.steps), "--device", args.device]
-            row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            rows.append(row)
-            print(f"{mode:<10}{f_thres:>8}{row['step_s']:>9.1f}{row['fwd_steps']:>8}/{row['bwd_steps']:<6}"
-                  f"{row['saved_for_backward_mb']:>10.1f}{row['peak_step_mb']:>9.1f}", flush=True)
-
+    rows = run_grid(__file__, args.modes, args.f_thres, "step_s", "step s",
+                    ["--batch", str(args.batch), "--crop", *map(str, args.crop), "--steps", str(args.steps),
+                     "--device", args.device])
     growth, targets = memory_growth(rows, args.modes, args.f_thres)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"config": str(CONFIG.relative_to(REPO)), "rows": rows, "growth": growth,

@@ -144,6 +144,22 @@ def memory_growth(rows: list[dict], modes: list[str], f_thres: list[int]) -> tup
     return growth, targets
 
 
+def run_grid(script: str, modes: list[str], f_thres: list[int], rate_key: str, rate_label: str,
+             child_args: list[str]) -> list[dict]:
+    """Run ``script --child MODE F_THRES *child_args`` in a fresh process per setting (memory peaks must not
+    mix), print one table row each (``rate_key`` is the throughput column) and return the rows."""
+    rows = []
+    print(f"{'mode':<10}{'F_THRES':>8}{rate_label:>12}{'fwd/bwd steps':>15}{'saved MB':>10}{'peak MB':>9}")
+    for mode in modes:
+        for budget in f_thres:
+            cmd = [sys.executable, script, "--child", mode, str(budget), *child_args]
+            row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            rows.append(row)
+            print(f"{mode:<10}{budget:>8}{row[rate_key]:>12.1f}{row['fwd_steps']:>8}/{row['bwd_steps']:<6}"
+                  f"{row['saved_for_backward_mb']:>10.1f}{row['peak_step_mb']:>9.1f}", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
@@ -160,17 +176,9 @@ def main() -> None:
                                  args.f_solver)))
         return
 
-    rows = []
-    print(f"{'mode':<10}{'F_THRES':>8}{'images/s':>10}{'fwd/bwd steps':>15}{'saved MB':>10}{'peak MB':>9}")
-    for mode in args.modes:
-        for f_thres in args.f_thres:
-            cmd = [sys.executable, __file__, "--child", mode, str(f_thres), "--batch", str(args.batch),
-                   "--steps", str(args.steps), "--device", args.device, "--f-solver", args.f_solver]
-            row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            rows.append(row)
-            print(f"{mode:<10}{f_thres:>8}{row['images_per_s']:>10.1f}{row['fwd_steps']:>8}/{row['bwd_steps']:<6}"
-                  f"{row['saved_for_backward_mb']:>10.1f}{row['peak_step_mb']:>9.1f}", flush=True)
-
+    rows = run_grid(__file__, args.modes, args.f_thres, "images_per_s", "images/s",
+                    ["--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device,
+                     "--f-solver", args.f_solver])
     growth, targets = memory_growth(rows, args.modes, args.f_thres)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"f_solver": args.f_solver, "rows": rows, "growth": growth, "targets": targets,
