@@ -2,8 +2,8 @@
 # Install what the tests need, then run them. CI (.ci/run) calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# DALI (the ImageNet loaders' tests run its CPU pipelines for real)
-python -m pip install -q -e '.[test,dali]'
+# DALI (the ImageNet loaders' tests run its CPU pipelines for real) and rdata (the Austen corpus reader)
+python -m pip install -q -e '.[test,dali,lm]'
 # The embedded Fashion-MNIST data some tests read (Debian package; skipped where apt is unavailable).
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null \

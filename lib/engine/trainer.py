@@ -53,7 +53,7 @@ def jac_loss_weight(cfg: Any, step: int, epoch: int) -> float:
 
 
 # The engine's own per-step numbers; a task adds its own (accuracy, pixel accuracy) next to them.
-TRAIN_STATS = ("loss", "jac_loss", "fwd_steps", "fwd_residual", "bwd_steps", "bwd_residual", "lr")
+TRAIN_STATS = ("loss", "jac_loss", "aux_loss", "fwd_steps", "fwd_residual", "bwd_steps", "bwd_residual", "lr")
 
 
 class Trainer:
@@ -165,6 +165,9 @@ class Trainer:
                                              f_thres=f_thres)
             loss = self.task.loss(output, y)
         total = loss + factor * info["jac_loss"] if info["jac_loss"] is not None else loss
+        aux = info.get("aux_loss")  # a model's own weighted auxiliary losses (e.g. Skip DEQ's), already scaled
+        if aux is not None:
+            total = total + aux
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if cfg.TRAIN.CLIP > 0:
@@ -178,6 +181,7 @@ class Trainer:
         bwd_steps, bwd_res = solver_summary(info["bwd"])
         return {"loss": loss.item(), **self.task.train_stats(output.detach(), y),
                 "jac_loss": info["jac_loss"].item() if info["jac_loss"] is not None else 0.0,
+                "aux_loss": aux.item() if aux is not None else 0.0,
                 "fwd_steps": fwd_steps, "fwd_residual": fwd_res, "bwd_steps": bwd_steps,
                 "bwd_residual": bwd_res, "lr": self.optimizer.param_groups[0]["lr"]}
 
