@@ -23,7 +23,7 @@ from deqlab.checkpoint import load_checkpoint, load_weights, state_dict_of
 from deqlab.data import dataset_dir
 from deqlab.data.lm import Corpus, LMOrderedIterator, load_corpus
 from deqlab.errors import CheckpointError, ConfigError
-from deqlab.models import MODELS
+from deqlab.models import build_model
 from deqlab.solvers.common import solver_summary
 from deqlab.tasks.base import Meter, Task
 
@@ -80,10 +80,7 @@ class LanguageModelTask(Task):
         return self._corpus
 
     def build_model(self) -> nn.Module:
-        name, known = self.cfg.MODEL.NAME, MODELS["lm"]
-        if name not in known:
-            raise ConfigError(f"MODEL.NAME: unknown lm model {name!r}; known: {', '.join(sorted(known))}")
-        return known[name](self.cfg, n_token=len(self.corpus.vocab))
+        return build_model(self.cfg, task="lm", n_token=len(self.corpus.vocab))
 
     def build_loader(self, split: str, distributed: bool, augment: bool | None = None) -> SegmentLoader:
         """``train``, or ``test`` = the split ``DATASET.TEST_SET`` names (``valid`` while training)."""
