@@ -108,9 +108,12 @@ _C.MODEL.TRANSFORMER.TIE_WEIGHTS = True  # softmax weights = embedding weights (
 _C.MODEL.TRANSFORMER.TIE_PROJS = True    # the tail clusters' softmax projections = their embedding projections
 _C.MODEL.TRANSFORMER.PRE_LNORM = False   # layer norm before (True) or after (False) each sublayer
 _C.MODEL.TRANSFORMER.LOCAL_SIZE = 0      # attend only to the last LOCAL_SIZE positions; 0: no limit
+_C.MODEL.TRANSFORMER.INIT_STD = 0.01     # N(0, INIT_STD) init of embeddings and plain weights (--init_std)
+_C.MODEL.TRANSFORMER.PROJ_INIT_STD = 0.01  # N(0, PROJ_INIT_STD) init of the adaptive projections (--proj_init_std)
 allow("MODEL.TRANSFORMER", EVAL_N_LAYER=integer(lo=1), N_HEAD=integer(lo=1), D_HEAD=integer(lo=1),
       D_MODEL=integer(lo=1), D_EMBED=integer(lo=-1), D_INNER=integer(lo=1), DROPATT=number(0, 1, hi_open=True),
-      DIV_VAL=integer(lo=1), CUTOFFS=list_of(integer(lo=1)), LOCAL_SIZE=integer(lo=0))
+      DIV_VAL=integer(lo=1), CUTOFFS=list_of(integer(lo=1)), LOCAL_SIZE=integer(lo=0), INIT_STD=number(lo=0),
+      PROJ_INIT_STD=number(lo=0))
 
 _C.LM = CN()                   # ours: sequence logistics of language modelling (locuslab/deq flag names)
 _C.LM.TGT_LEN = 150            # tokens per training segment (--tgt_len)

@@ -138,7 +138,7 @@ class DEQTransformerLM(nn.Module):
                  cutoffs: list[int] | None = None, f_solver: str = "anderson", b_solver: str = "broyden",
                  f_thres: int = 30, b_thres: int = 40, f_eps: float = 1e-3, b_eps: float = 1e-6,
                  stop_mode: str = "rel", grad: str = "ift", phantom_steps: int = 5, phantom_tau: float = 0.5,
-                 spectral_radius_mode: bool = False) -> None:
+                 spectral_radius_mode: bool = False, init_std: float = 0.01, proj_init_std: float = 0.01) -> None:
         super().__init__()
         d_embed = d_model if d_embed is None or d_embed < 0 else d_embed
         cutoffs = list(cutoffs or [])
@@ -159,6 +159,27 @@ class DEQTransformerLM(nn.Module):
         self.deq = DEQ(f_solver=f_solver, b_solver=b_solver, f_max_iter=f_thres, b_max_iter=b_thres, f_tol=f_eps,
                        b_tol=b_eps, stop_mode=stop_mode, grad=grad, phantom_steps=phantom_steps,
                        phantom_tau=phantom_tau, f_solver_options={"m": 6} if f_solver == "anderson" else None)
+        self.init_weights(init_std, proj_init_std)
+
+    def init_weights(self, std: float, proj_std: float) -> None:
+        """The original training script's init: N(0, std) for embeddings, plain linear/conv weights, the cluster
+        weights and the attention biases, N(0, proj_std) for the embedding/softmax projections, zero biases.
+        Weight-normalised layers keep PyTorch's default v and g = ||v|| (the original's init reached only their
+        derived ``weight``, which is recomputed from g and v)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Embedding)) and "weight" in module._parameters:
+                nn.init.normal_(module.weight, 0.0, std)
+            if isinstance(module, (nn.Linear, nn.Conv1d)) and module.bias is not None \
+                    and "weight" in module._parameters:
+                nn.init.zeros_(module.bias)
+        for proj in [*self.word_emb.emb_projs, *self.crit.out_projs]:
+            if proj is not None:
+                nn.init.normal_(proj.weight, 0.0, proj_std)
+        if self.crit.n_clusters:
+            nn.init.normal_(self.crit.cluster_weight, 0.0, std)
+            nn.init.zeros_(self.crit.cluster_bias)
+        nn.init.normal_(self.func.dec_attn.r_w_bias, 0.0, std)
+        nn.init.normal_(self.func.dec_attn.r_r_bias, 0.0, std)
 
     @classmethod
     def from_config(cls, cfg: Any, n_token: int) -> "DEQTransformerLM":
@@ -172,7 +193,7 @@ class DEQTransformerLM(nn.Module):
                    pretrain_steps=cfg.TRAIN.PRETRAIN_STEPS, cutoffs=cutoffs, f_solver=d.F_SOLVER,
                    b_solver=d.B_SOLVER, f_thres=d.F_THRES, b_thres=d.B_THRES, f_eps=d.F_EPS, b_eps=d.B_EPS,
                    stop_mode=d.STOP_MODE, grad=d.GRAD, phantom_steps=d.PHANTOM_STEPS, phantom_tau=d.PHANTOM_TAU,
-                   spectral_radius_mode=d.SPECTRAL_RADIUS_MODE)
+                   spectral_radius_mode=d.SPECTRAL_RADIUS_MODE, init_std=t.INIT_STD, proj_init_std=t.PROJ_INIT_STD)
 
     def injection(self, data: Tensor) -> Tensor:
         """The input injection u of (qlen, bsz) tokens: (bsz, 3 d_model, qlen)."""
