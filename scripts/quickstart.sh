@@ -15,15 +15,15 @@ if [ "$TASK" = lm ]; then
   python tools/lm_train.py --cfg "$CFG" "$@"
   FINAL=$(python -c "import sys; from deqlab.config import load_config; from deqlab.engine import run_files; \
 print(run_files(load_config(sys.argv[1], sys.argv[2:]), sys.argv[1]).best)" "$CFG" "$@")
-  rm -f lm_quickstart_sweep.csv
+  rm -f output/lm_quickstart_sweep.csv
   for f_thres in 2 4 8 16 32; do  # test-time forward budget: perplexity and residual
-    python tools/lm_eval.py --cfg "$CFG" --results_file lm_quickstart_sweep.csv "$@" TEST.MODEL_FILE "$FINAL" \
+    python tools/lm_eval.py --cfg "$CFG" --results_file output/lm_quickstart_sweep.csv "$@" TEST.MODEL_FILE "$FINAL" \
       DATASET.TEST_SET test DEQ.F_THRES $f_thres DEQ.F_EPS 1e-6 | tail -1
   done
   python -c "import csv; from deqlab.data.lm import load_corpus, unigram_perplexity; c = load_corpus('data/austen'); \
 print(f'unigram perplexity of the test split: {unigram_perplexity(c.train, c.test, len(c.vocab)):.1f}'); \
 [print(f\"F_THRES {r['f_thres']:>2}: test ppl {float(r['ppl']):7.2f}  residual {float(r['fwd_residual']):.2e}\") \
-for r in csv.DictReader(open('lm_quickstart_sweep.csv'))]"
+for r in csv.DictReader(open('output/lm_quickstart_sweep.csv'))]"
   exit 0
 fi
 if [ "$TASK" = seg ]; then
