@@ -155,7 +155,7 @@ def test_registry_picks_the_model_by_task():
     assert {m.momentum for m in cls.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
     with pytest.raises(ConfigError, match=r"MODEL.NAME: unknown seg model 'hrnet'; known: mdeq"):
         build_model(load_config(SEG_SMALL, TINY_SEG + ["MODEL.NAME", "hrnet"]), task="seg")
-    with pytest.raises(ValueError, match="unknown model task 'det'; known: cls, seg"):
+    with pytest.raises(ValueError, match="unknown model task 'det'; known: cls, lm, seg"):
         build_model(load_config(SEG_SMALL, TINY_SEG), task="det")
 
 
