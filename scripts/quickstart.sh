@@ -24,6 +24,7 @@ print(run_files(load_config(sys.argv[1], sys.argv[2:]), sys.argv[1]).best)" "$CF
 print(f'unigram perplexity of the test split: {unigram_perplexity(c.train, c.test, len(c.vocab)):.1f}'); \
 [print(f\"F_THRES {r['f_thres']:>2}: test ppl {float(r['ppl']):7.2f}  residual {float(r['fwd_residual']):.2e}\") \
 for r in csv.DictReader(open('output/lm_quickstart_sweep.csv'))]"
+  python tools/plot_sweep.py output/lm_quickstart_sweep.csv || true  # needs matplotlib ('.[plot]')
   exit 0
 fi
 if [ "$TASK" = seg ]; then

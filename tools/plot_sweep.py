@@ -1,9 +1,9 @@
 """Plot a test-time solver sweep: ``python tools/plot_sweep.py sweep.csv [--out sweep.png]``.
 
-Reads the rows ``tools/cls_valid.py`` or ``tools/seg_test.py`` appended with ``--results_name sweep.csv`` (one
-per call) and draws, per method (checkpoint run, seed taken out of the file name), the performance (top-1,
-mIoU or loss) and the final forward residual against the solver budget ``DEQ.F_THRES``. A method evaluated
-with several seeds is drawn as the mean over seeds with a shaded min–max band.
+Reads the rows ``tools/cls_valid.py``, ``tools/seg_test.py`` or ``tools/lm_eval.py`` appended with
+``--results_name sweep.csv`` (one per call) and draws, per method (checkpoint run, seed taken out of the file
+name), the performance (top-1, mIoU, perplexity or loss) and the final forward residual against the test-time
+solver budget. A method evaluated with several seeds is drawn as the mean over seeds with a shaded min–max band.
 """
 import argparse
 import sys

@@ -18,7 +18,7 @@ from pathlib import Path, PurePath
 SEED_IN_NAME = re.compile(r"_seed(\d+)")
 REQUIRED = ("checkpoint", "f_thres", "perf", "fwd_residual")
 SETTINGS = ("split", "f_solver", "f_eps")  # further columns that tell methods apart
-PERF_COLUMNS = {"miou": "mIoU (%)", "top1": "top-1 accuracy (%)", "loss": "loss"}  # what ``perf`` may be
+PERF_COLUMNS = {"miou": "mIoU (%)", "top1": "top-1 accuracy (%)", "ppl": "perplexity", "loss": "loss"}  # what ``perf`` may be
 
 
 # (checkpoint path parts without the seed, "key=value" settings)
