@@ -152,3 +152,14 @@ def test_variational_dropout_is_fixed_within_a_forward():
     drop.register_forward_hook(remember)
     model(data, data, None, train_step=5, f_thres=4)
     assert not torch.equal(seen[0], first) and first.shape == (2, 1, 96)  # a new mask, shared over positions
+
+
+def test_mixed_precision_keeps_the_equilibrium_in_float32():
+    model = small(pretrain_steps=0).train()
+    data = torch.randint(0, 1680, (12, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the CUDA AMP path, on the CPU
+        _, mems, _ = model(data, data, None, train_step=5, f_thres=6)
+        loss, mems, info = model(data, data, mems, train_step=6, f_thres=6)
+    loss.float().mean().backward()
+    assert mems[0].dtype == torch.float32 and info["fwd"]["nstep"] == 6  # the solver's state: float32
+    assert torch.isfinite(info["fwd"]["rel_lowest"]).all() and model.func.pos_ff.ff1_net.weight_v.grad.abs().sum() > 0

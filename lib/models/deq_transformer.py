@@ -206,7 +206,7 @@ class DEQTransformerLM(nn.Module):
         qlen, bsz = data.shape
         u = self.injection(data)
         if mems:
-            z_mem, u_mem = (m.permute(1, 2, 0) for m in mems)          # (bsz, ·, mlen)
+            z_mem, u_mem = (m.permute(1, 2, 0).to(u.dtype) for m in mems)  # (bsz, ·, mlen)
         else:
             z_mem, u_mem = u.new_zeros(bsz, self.d_model, 0), u.new_zeros(bsz, 3 * self.d_model, 0)
         mlen = z_mem.shape[2]
@@ -219,7 +219,9 @@ class DEQTransformerLM(nn.Module):
 
         pretraining = 0 <= train_step < self.pretrain_steps
         depth = (self.n_layer if self.training or train_step > 0 else self.eval_n_layer) if pretraining else None
-        z, info = self.deq(f, u.new_zeros(bsz, self.d_model, qlen), f_max_iter=f_thres, fixed_depth=depth,
+        # the state in the parameters' dtype (float32 under autocast too): the solver's residuals need it
+        z0 = torch.zeros(bsz, self.d_model, qlen, dtype=self.inject_conv.weight.dtype, device=u.device)
+        z, info = self.deq(f, z0, f_max_iter=f_thres, fixed_depth=depth,
                            compute_jac_loss=compute_jac_loss and not pretraining)
         info["sradius"] = None
         if self.spectral_radius_mode and not self.training and not pretraining:
