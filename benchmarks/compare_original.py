@@ -1,0 +1,129 @@
+"""MDEQ-TINY train and eval steps, deqlab against the original locuslab/mdeq, side by side in one run.
+
+    git clone https://github.com/locuslab/mdeq /path/to/mdeq && pip install termcolor   # the original, as shipped
+    python benchmarks/compare_original.py --mdeq /path/to/mdeq [--f-thres 10 22 30] [--batch 32] [--steps 3]
+                                          [--out benchmarks/results/compare_original.json]
+
+The original's code is imported from that checkout at run time (never copied here). Both build MDEQ-TINY from
+``experiments/cifar/cls_mdeq_TINY.yaml`` (theirs and ours: the same model), random init with seed 0, one batch
+of random 32×32 images; a train step is forward + cross-entropy + backward + Adam step with Broyden forward and
+Broyden (implicit) backward, both at ``F_THRES = B_THRES = t``; an eval step is the no-grad forward at ``t``.
+Ours runs with tolerance 0 so it never stops before the budget (the original's solvers may stop earlier on their
+own tolerance: a conservative comparison). Each (implementation, t) runs in a fresh process, one after the other;
+the median over ``--steps`` timed steps after one warm-up. The table gives ours / original.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "experiments/cifar/cls_mdeq_TINY.yaml"
+
+
+def build_ours(f_thres: int):
+    from deqlab.config import load_config
+    from deqlab.models import build_model
+
+    cfg = load_config(REPO / CONFIG, ["DEQ.F_SOLVER", "broyden", "DEQ.B_SOLVER", "broyden", "DEQ.GRAD", "ift",
+                                      "DEQ.F_THRES", str(f_thres), "DEQ.B_THRES", str(f_thres), "DEQ.F_EPS", "0.0",
+                                      "DEQ.B_EPS", "0.0", "TRAIN.PRETRAIN_STEPS", "0", "MODEL.DROPOUT", "0.0"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    return model, lambda x: model(x, train_step=10**9, f_thres=f_thres)[0]
+
+
+def build_original(root: str, f_thres: int):
+    sys.path[:0] = [f"{root}/lib", f"{root}/lib/models", f"{root}/lib/modules"]
+    os.chdir(root)  # the original resolves some imports and paths from its root
+    from config import config  # noqa: E402  (the original's yacs defaults)
+    import models  # noqa: E402
+
+    config.defrost()
+    config.merge_from_file(CONFIG)
+    config.MODEL.F_THRES, config.MODEL.B_THRES, config.MODEL.DROPOUT = f_thres, f_thres, 0.0
+    config.freeze()
+    torch.manual_seed(0)
+    model = models.mdeq.get_cls_net(config)
+
+    def forward(x):
+        out = model(x, train_step=10**9, f_thres=f_thres, b_thres=f_thres)
+        return out[0] if isinstance(out, (tuple, list)) else out
+    return model, forward
+
+
+def time_steps(model, forward, batch: int, steps: int) -> dict:
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    train = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        loss = F.cross_entropy(forward(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if i:
+            train.append(time.perf_counter() - start)
+    model.eval()
+    evals = []
+    with torch.no_grad():
+        for i in range(steps + 1):
+            start = time.perf_counter()
+            forward(x)
+            if i:
+                evals.append(time.perf_counter() - start)
+    return {"train_s": statistics.median(train), "eval_s": statistics.median(evals)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mdeq", required=True, help="a checkout of github.com/locuslab/mdeq")
+    parser.add_argument("--f-thres", type=int, nargs="+", default=[10, 22, 30])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default=str(REPO / "benchmarks/results/compare_original.json"))
+    parser.add_argument("--child", nargs=2, metavar=("WHICH", "F_THRES"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        which, f_thres = args.child[0], int(args.child[1])
+        model, forward = build_ours(f_thres) if which == "ours" else build_original(args.mdeq, f_thres)
+        print(json.dumps(time_steps(model, forward, args.batch, args.steps)))
+        return
+    if not (Path(args.mdeq) / "lib/models/mdeq.py").is_file():
+        sys.exit(f"error: --mdeq {args.mdeq} is not a locuslab/mdeq checkout (no lib/models/mdeq.py)")
+    rows = []
+    print(f"{'F=B thres':>9} {'ours train s':>13} {'orig train s':>13} {'ratio':>6} {'ours eval s':>12} "
+          f"{'orig eval s':>12} {'ratio':>6}")
+    for f_thres in args.f_thres:
+        result = {}
+        for which in ("ours", "original"):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--mdeq", str(Path(args.mdeq).resolve()),
+                   "--child", which, str(f_thres), "--batch", str(args.batch), "--steps", str(args.steps)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"error: the {which} step failed: {proc.stderr.strip().splitlines()[-1]}")
+            result[which] = json.loads(proc.stdout.strip().splitlines()[-1])
+        row = {"f_thres": f_thres, "batch": args.batch, "ours": result["ours"], "original": result["original"],
+               "train_ratio": result["ours"]["train_s"] / result["original"]["train_s"],
+               "eval_ratio": result["ours"]["eval_s"] / result["original"]["eval_s"]}
+        rows.append(row)
+        print(f"{f_thres:>9} {row['ours']['train_s']:>13.2f} {row['original']['train_s']:>13.2f} "
+              f"{row['train_ratio']:>6.2f} {row['ours']['eval_s']:>12.3f} {row['original']['eval_s']:>12.3f} "
+              f"{row['eval_ratio']:>6.2f}", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"rows": rows, "torch": torch.__version__}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
