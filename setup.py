@@ -13,7 +13,7 @@ setup(
     install_requires=open("requirements.txt").read().split(),
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.7"],
-        "bench": ["torchdeq==0.1.0"],
+        "bench": ["torchdeq==0.1.0", "termcolor"],  # termcolor: imported by the original MDEQ code (compare_original.py)
         "plot": ["matplotlib>=3.7"],
         "lm": ["rdata>=1.0"],
         # NVIDIA DALI loaders (DATASET.LOADER dali); the CUDA 13 build, which also runs CPU-only pipelines.
