@@ -24,6 +24,25 @@ computed, memory grows with the number of steps. The ALL_UNROLLED baseline of Ra
 
 Fixed depth (``fixed_depth=N``). No solver: f applied N times from z0 under autograd. MDEQ uses it to
 pretrain the cell before switching to the equilibrium.
+
+Predicted initial state, Skip DEQ (Pal, Edelman & Rackauckas, 2022; ``z0_predicted=True``). The caller passes
+z0 = g(x) computed with autograd by any predictor: an explicit shallow net (Skip DEQ) or one application of
+the cell from zeros, f(0; x) (Skip DEQ V2 / SkipRegDEQ). The layer does not need to know which. Every mode
+(solver, unrolled, fixed depth) starts from ``z0.detach()``, so the task loss never reaches the predictor
+through the solve, and when z0 carries a graph the layer returns the regulariser
+
+    info["skip_loss"] = mean((z0 − sg(z*))²)       (sg: stop-gradient; mean over every state element)
+
+with z* the solver's equilibrium (the fixed-depth output when unrolling). Its gradient reaches only what
+computed z0: an explicit predictor learns from it alone, the DEQ parameters from the task loss alone (for
+f(0; x) the cell is the predictor, so it gets both). The caller weights it and adds it to its loss. A predicted
+state is kept in at least float32 (a predictor under autocast returns half precision). Without a graph (eval,
+``torch.no_grad()``) the solve still starts from z0 and ``info["skip_loss"]`` is None.
+
+Phantom trajectory (``trajectory_every=k``, ``grad="phantom"``). ``info["trajectory"]`` lists every k-th of
+the damped phantom iterates, each with its graph, and always the last (which is the returned state): the
+fixed-point correction loss (``deqlab.losses.fixed_point_correction``, Geng et al. 2021 / torchdeq's
+``fp_correction``) applies the task loss to each. None in any other mode or when k is 0.
 """
 from __future__ import annotations
 
@@ -61,7 +80,9 @@ class DEQ(nn.Module):
 
     ``z_star, info = deq(f, z0)``: ``f`` maps a state (tensor or list of tensors, batch first) to one of the
     same structure; ``z0`` is the initial state (warm start welcome). ``info["fwd"]`` holds the forward
-    solver's stats; ``info["bwd"]`` is filled in by the backward solve when ``grad="ift"``.
+    solver's stats; ``info["bwd"]`` is filled in by the backward solve when ``grad="ift"``;
+    ``info["skip_loss"]`` (``z0_predicted=True``) and ``info["trajectory"]`` (``trajectory_every``) are
+    described in the module docstring (None when not asked for).
     """
 
     def __init__(
@@ -109,10 +130,23 @@ class DEQ(nn.Module):
         f_max_iter: int | None = None,
         fixed_depth: int | None = None,
         compute_jac_loss: bool = False,
+        z0_predicted: bool = False,
+        trajectory_every: int = 0,
     ) -> tuple[States, dict[str, Any]]:
-        """Return ``(z_star, info)``; ``fixed_depth=N`` applies f N times instead of solving."""
+        """Return ``(z_star, info)``; ``fixed_depth=N`` applies f N times instead of solving.
+
+        ``z0_predicted``: z0 comes from a predictor (Skip DEQ): start from ``z0.detach()`` and, when z0 has a
+        graph, return ``info["skip_loss"]``. ``trajectory_every=k`` (phantom gradient): return every k-th
+        phantom iterate, and the last, in ``info["trajectory"]``.
+        """
         like = z0 if isinstance(z0, Tensor) else None
         z0_flat, shapes = pack(z0)
+        predicted = None  # the predicted z0 with its graph, when there is one to regularise
+        if z0_predicted:
+            z0_flat = z0_flat.to(torch.promote_types(z0_flat.dtype, torch.float32))
+            if z0_flat.requires_grad and torch.is_grad_enabled():
+                predicted = z0_flat
+            z0_flat = z0_flat.detach()
         dtype = z0_flat.dtype
 
         # Under autocast, f runs in mixed precision but the solver runs with autocast off, on states kept in
@@ -125,21 +159,26 @@ class DEQ(nn.Module):
             with torch.autocast(device_type, dtype=amp_dtype, enabled=amp):
                 return pack(f(unpack(z, shapes, like)))[0].to(dtype)
 
-        info: dict[str, Any] = {"fwd": None, "bwd": {}, "jac_loss": None}
+        info: dict[str, Any] = {"fwd": None, "bwd": {}, "jac_loss": None, "skip_loss": None, "trajectory": None}
         graph = None  # (f(z*), z*) with autograd, when the ift gradient built it
         if fixed_depth is not None:
             z = z0_flat
             for _ in range(fixed_depth):
                 z = f_flat(z)
-            out = z
+            out = z_star = z
         elif self.grad == "unrolled" and torch.is_grad_enabled():
             out, info["fwd"] = self._solve(f_flat, z0_flat, f_max_iter)
+            z_star = out
         else:
             with torch.no_grad():
                 z_star, info["fwd"] = self._solve(f_flat, z0_flat.detach(), f_max_iter)
             out = z_star
             if torch.is_grad_enabled():
-                out, graph = self._attach_gradient(f_flat, z_star, info)
+                out, graph, trajectory = self._attach_gradient(f_flat, z_star, info, trajectory_every)
+                if trajectory is not None:
+                    info["trajectory"] = [unpack(t, shapes, like) for t in trajectory]
+        if predicted is not None:
+            info["skip_loss"] = (predicted.float() - z_star.detach().float()).pow(2).mean()
         if compute_jac_loss and torch.is_grad_enabled():
             if graph is None:
                 z_in = out.detach().requires_grad_()
@@ -152,14 +191,18 @@ class DEQ(nn.Module):
             return self.f_solver(f_flat, z0, max_iter=max_iter or self.f_max_iter, tol=self.f_tol,
                                  stop_mode=self.stop_mode, **self.f_solver_options)
 
-    def _attach_gradient(self, f_flat: Callable[[Tensor], Tensor], z_star: Tensor,
-                         info: dict) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """Return the differentiable output and, for ift, the one-step graph (f(z*), z*)."""
+    def _attach_gradient(self, f_flat: Callable[[Tensor], Tensor], z_star: Tensor, info: dict,
+                         trajectory_every: int = 0
+                         ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, list[Tensor] | None]:
+        """Return the differentiable output, for ift the one-step graph (f(z*), z*), and for phantom with
+        ``trajectory_every`` k > 0 every k-th iterate and the last (None otherwise)."""
         if self.grad == "phantom":
-            z = z_star
-            for _ in range(self.phantom_steps):
+            z, trajectory = z_star, []
+            for step in range(1, self.phantom_steps + 1):
                 z = self.phantom_tau * f_flat(z) + (1.0 - self.phantom_tau) * z
-            return z, None
+                if trajectory_every > 0 and (step % trajectory_every == 0 or step == self.phantom_steps):
+                    trajectory.append(z)
+            return z, None, trajectory if trajectory_every > 0 else None
         # ift: f(z*) with autograd from a detached z*; the hook swaps dL/dz* for the adjoint solution g.
         z_in = z_star.detach().requires_grad_()
         fz = f_flat(z_in)
@@ -178,9 +221,9 @@ class DEQ(nn.Module):
             return g
 
         if not fz.requires_grad:
-            return fz, (fz, z_in)
+            return fz, (fz, z_in), None
         # The hook goes on a view of f(z*), not on f(z*) itself: the VJPs inside it differentiate f(z*), and
         # a hook there would fire again on each of them.
         out = fz.view_as(fz)
         out.register_hook(adjoint_hook)
-        return out, (fz, z_in)
+        return out, (fz, z_in), None

@@ -1,58 +1,57 @@
-"""Plot a test-time solver sweep: ``python tools/plot_sweep.py sweep.csv [--out sweep.png]``.
+"""Plot test-time solver sweeps: ``python tools/plot_sweep.py sweep.csv [more.csv ...] [--out sweep.png] [--pdf]
+[--group-by method|checkpoint] [--band std|minmax] [--table table.md]``.
 
-Reads the rows ``tools/cls_valid.py``, ``tools/seg_test.py`` or ``tools/lm_eval.py`` appended with
-``--results_name sweep.csv`` (one per call) and draws, per method (checkpoint run, seed taken out of the file
-name), the performance (top-1, mIoU, perplexity or loss) and the final forward residual against the test-time
-solver budget. A method evaluated with several seeds is drawn as the mean over seeds with a shaded min–max band.
+Reads the rows ``tools/sweep.py``, ``tools/cls_valid.py``, ``tools/seg_test.py`` or ``tools/lm_eval.py``
+appended with ``--results_name`` and draws the performance (top-1, mIoU, perplexity or loss) and the final
+forward residual against the test-time solver budget. ``--group-by method`` (the default): one line per method
+(a checkpoint run with the seed taken out of the file name), the mean over its seeds with a shaded ± std band
+(``--band minmax``: min–max), as Ramzi et al. (2023, Fig. 5); ``--group-by checkpoint``: one line per
+checkpoint. ``--pdf`` also writes the figure as PDF beside the PNG; ``--table FILE`` writes the numbers as a
+Markdown table (``-`` prints it).
 """
 import argparse
 import sys
 from pathlib import Path
 
-from deqlab.utils.sweep import group_sweep, method_labels, read_rows
+from deqlab.utils.sweep import BANDS, GROUP_BY, plot_sweep, read_sweeps, sweep_table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("csv", type=Path)
-    parser.add_argument("--out", type=Path, default=None, help="image file (default: the CSV's name, .png)")
+    parser.add_argument("csv", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, default=None, help="image file (default: the first CSV's name, .png)")
+    parser.add_argument("--pdf", action="store_true", help="also write the figure as PDF (the --out name, .pdf)")
+    parser.add_argument("--group-by", "--group_by", dest="group_by", choices=GROUP_BY, default="method",
+                        help="one line per method, mean ± spread over seeds (default), or per checkpoint")
+    parser.add_argument("--band", choices=BANDS, default="std", help="spread over seeds: ± std (default) or min–max")
+    parser.add_argument("--table", default="", metavar="FILE",
+                        help="write a Markdown table of the numbers ('-': stdout)")
     args = parser.parse_args()
     try:
         import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        rows, perf_label = read_rows(args.csv)
+        matplotlib.use("Agg")  # files only, never a display
+        rows, perf_label = read_sweeps(args.csv)
     except (ImportError, OSError, ValueError) as err:
         hint = "; pip install -e '.[plot]'" if isinstance(err, ImportError) else ""
         print(f"error: {err}{hint}", file=sys.stderr)
         sys.exit(2)
-    groups = group_sweep(rows)
-    labels = method_labels(list(groups))
-    fig, (ax_perf, ax_res) = plt.subplots(1, 2, figsize=(10, 4))
-    for method, series in groups.items():
-        seeds = max(s.seeds for s in series["perf"])
-        label = labels[method] + (f" ({seeds} seeds)" if seeds > 1 else "")
-        for ax, field in ((ax_perf, "perf"), (ax_res, "fwd_residual")):
-            stats = series[field]
-            budgets = [s.f_thres for s in stats]
-            line, = ax.plot(budgets, [s.mean for s in stats], marker="o", label=label)
-            if seeds > 1:
-                ax.fill_between(budgets, [s.low for s in stats], [s.high for s in stats], color=line.get_color(),
-                                alpha=0.2, linewidth=0)
-    ax_res.set_yscale("log")
-    ax_perf.set(xlabel="forward solver budget at test time (F_THRES)", ylabel=perf_label)
-    ax_res.set(xlabel="forward solver budget at test time (F_THRES)", ylabel="final relative residual")
-    for ax in (ax_perf, ax_res):
-        ax.grid(True, alpha=0.3)
-    ax_perf.legend()
-    fig.tight_layout()
-    out = args.out or args.csv.with_suffix(".png")
+    fig = plot_sweep(rows, perf_label, group_by=args.group_by, band=args.band)
+    out = args.out or args.csv[0].with_suffix(".png")
+    outputs = [out] + ([out.with_suffix(".pdf")] if args.pdf and out.suffix != ".pdf" else [])
     try:
-        fig.savefig(out, dpi=120)
+        for path in outputs:
+            fig.savefig(path, dpi=120)
+        if args.table:
+            table = sweep_table(rows, perf_label, group_by=args.group_by)
+            if args.table == "-":
+                print(table, end="")
+            else:
+                Path(args.table).write_text(table)
+                outputs.append(Path(args.table))
     except OSError as err:
-        print(f"error: cannot write {out}: {err}", file=sys.stderr)
+        print(f"error: cannot write: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {out}")
+    print("wrote " + ", ".join(str(p) for p in outputs))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,11 @@ _C.MODEL.BLOCK_GN_AFFINE = True
 _C.MODEL.FUSE_GN_AFFINE = True
 _C.MODEL.POST_GN_AFFINE = True
 _C.MODEL.IMAGE_SIZE = [224, 224]  # width, height of the network input
+_C.MODEL.SKIP = "none"         # ours, MDEQ: initial state of the solve (Skip DEQ, Pal et al. 2022): "none" (zeros),
+                               # "skip" (a per-branch conv predictor from the injection, trained only by the skip
+                               # loss) or "skipreg" (Skip DEQ V2: one cell application from zeros, f(0; x), no
+                               # extra parameters); both add LOSS.SKIP_WEIGHT * mean((z0 - z*)^2) to the loss
+_C.MODEL.SKIP_CHANNELS = 0     # ours, MODEL.SKIP skip: hidden width of the predictor; 0 = NUM_CHANNELS[0]
 _C.MODEL.EXTRA = CN()
 _C.MODEL.EXTRA.FINAL_CONV_KERNEL = 1  # segmentation: kernel of the last conv of the seg head (1 or 3)
 _C.MODEL.EXTRA.FULL_STAGE = CN()
@@ -82,7 +87,7 @@ allow("MODEL", NAME=ANY,  # deqlab.models.build_model checks it against the task
       PRETRAINED=ANY, NUM_LAYERS=integer(lo=1), NUM_CLASSES=integer(lo=1), IN_CHANNELS=integer(lo=1),
       NUM_GROUPS=integer(lo=2, multiple_of=2),  # the post-fusion GroupNorms use NUM_GROUPS // 2 groups
       DROPOUT=number(0, 1, hi_open=True), DOWNSAMPLE_TIMES=integer(lo=0), EXPANSION_FACTOR=integer(lo=1),
-      IMAGE_SIZE=_SIZE)
+      IMAGE_SIZE=_SIZE, SKIP=choice("none", "skip", "skipreg"), SKIP_CHANNELS=integer(lo=0))
 allow("MODEL.EXTRA", FINAL_CONV_KERNEL=choice(1, 3))
 allow("MODEL.EXTRA.FULL_STAGE", NUM_MODULES=unused(choice(1)), NUM_BRANCHES=integer(lo=1),
       BLOCK=unused(choice("BASIC")), BIG_KERNELS=unused(list_of(choice(0))),
@@ -151,13 +156,21 @@ _C.LOSS.JAC_LOSS_WEIGHT = 0.0  # its weight once the DEQ phase starts
 _C.LOSS.JAC_INCREMENTAL = 100000000  # add 0.1 to the weight every this many steps
 _C.LOSS.JAC_STOP_EPOCH = 100000000   # no Jacobian loss from this epoch on
 _C.LOSS.PRETRAIN_JAC_LOSS_WEIGHT = 0.0  # its weight during unrolled pretraining
+_C.LOSS.SKIP_WEIGHT = 0.01     # ours, MODEL.SKIP: weight of the skip loss mean((z0 - z*)^2) (Pal et al.'s 0.01)
+# ours: the fixed-point correction loss (Geng et al. 2021; torchdeq fp_correction), DEQ.GRAD phantom only: the
+# task loss on every FPC_GAP-th phantom iterate (and the last), weighted by FPC_WEIGHTS with FPC_GAMMA
+_C.LOSS.FPC = False
+_C.LOSS.FPC_WEIGHTS = "exp"    # "exp": gamma^(n-k-1), "linear": 1 - (n-k-1)/n * gamma, "const": 1
+_C.LOSS.FPC_GAMMA = 0.8        # torchdeq's --gamma default
+_C.LOSS.FPC_GAP = 1            # keep every FPC_GAP-th of the DEQ.PHANTOM_STEPS iterates (torchdeq's --sup_gap)
 # Segmentation loss (HRNet-Semantic-Segmentation / locuslab/mdeq names and defaults)
 _C.LOSS.USE_OHEM = False       # online hard example mining on the per-pixel cross entropy
 _C.LOSS.OHEMTHRES = 0.9        # OHEM: pixels whose true-class probability is below this count as hard
 _C.LOSS.OHEMKEEP = 100000      # OHEM: keep at least this many pixels per batch
 allow("LOSS", JAC_LOSS_FREQ=number(0, 1), JAC_LOSS_WEIGHT=number(lo=0), JAC_INCREMENTAL=integer(lo=1),
       JAC_STOP_EPOCH=integer(lo=0), PRETRAIN_JAC_LOSS_WEIGHT=number(lo=0), OHEMTHRES=number(0, 1, lo_open=True),
-      OHEMKEEP=integer(lo=0))
+      OHEMKEEP=integer(lo=0), SKIP_WEIGHT=number(lo=0), FPC_WEIGHTS=choice("const", "linear", "exp"),
+      FPC_GAMMA=number(0, 1), FPC_GAP=integer(lo=1))
 
 _C.DATASET = CN()
 _C.DATASET.DATASET = "cifar10"  # a name in deqlab.data.DATASETS: cifar10, fashion_mnist, imagenet, cityscapes, ...

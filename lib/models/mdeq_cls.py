@@ -42,7 +42,8 @@ class Bottleneck(nn.Module):
 
 
 class MDEQClassifier(MDEQBackbone):
-    """``logits, info = model(x, train_step=-1, compute_jac_loss=False, f_thres=None)``."""
+    """``logits, info = model(x, train_step=-1, compute_jac_loss=False, f_thres=None)`` (see ``mdeq_core``
+    for ``MODEL.SKIP`` and ``LOSS.FPC``)."""
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg, in_channels=cfg.MODEL.IN_CHANNELS)
@@ -59,11 +60,10 @@ class MDEQClassifier(MDEQBackbone):
         self.classifier = nn.Linear(stage.FINAL_CHANSIZE, cfg.MODEL.NUM_CLASSES)
         self.init_weights()
 
-    def forward(self, x: Tensor, train_step: int = -1, compute_jac_loss: bool = False,
-                f_thres: int | None = None) -> tuple[Tensor, dict[str, Any]]:
-        z, info = super().forward(x, train_step, compute_jac_loss, f_thres)
+    def head(self, z: list[Tensor]) -> Tensor:
+        """Logits from the list of branch states."""
         y = self.incre_modules[0](z[0])
         for i, down in enumerate(self.downsamp_modules):
             y = self.incre_modules[i + 1](z[i + 1]) + down(y)
         y = self.final_layer(y).mean(dim=(2, 3))
-        return self.classifier(y), info
+        return self.classifier(y)

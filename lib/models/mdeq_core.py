@@ -10,9 +10,24 @@ The cell f(z; x) acts on a list of states, one per resolution (branch i has NUM_
 
 Module and parameter names follow locuslab/mdeq, so its released state_dicts load unchanged (the frozen
 ``fullstage_copy`` and the ``deq.func*`` aliases of the original are not kept; the loader drops them).
+
+Initial state (``MODEL.SKIP``; Skip DEQ, Pal et al. 2022, multiscale as ``MultiScaleSkipDeepEquilibriumNetwork``):
+``none`` starts every branch from zeros; ``skip`` predicts each branch's state from the injection with
+:class:`SkipPredictor` (its own parameters, under ``skip_predictor.``); ``skipreg`` (Skip DEQ V2) starts from
+one cell application from zeros, f(0; x), with no extra parameters. The DEQ layer starts from the prediction
+and returns the skip loss mean((z0 − z*)²) (see ``deqlab.deq``); the backbone reports it in
+``info["skip_loss"]`` and ``LOSS.SKIP_WEIGHT`` times it in ``info["aux_loss"]``, which the trainer adds. The
+predictor reads the injection detached, so with ``skip`` the skip loss trains the predictor only and the task
+loss everything else. The prediction is also the initial state at test time. With ``skipreg``, the f
+evaluation that makes z0 is counted in ``info["fwd"]["nstep"]`` (``info["fwd"]["init_nfe"]`` is 1).
+
+Fixed-point correction (``LOSS.FPC`` with ``DEQ.GRAD phantom``): in training the DEQ layer returns the phantom
+iterates (``info["trajectory"]``) and the classifier and segmenter return one output per iterate, a
+``deqlab.losses.Trajectory``; the tasks' loss applies ``deqlab.losses.fixed_point_correction``.
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -22,6 +37,7 @@ from torch import Tensor, nn
 from deqlab.deq import DEQ, pack, unpack
 from deqlab.errors import ConfigError
 from deqlab.layers import VariationalDropout2d, WeightNormConv2d, conv3x3, reset_per_forward
+from deqlab.losses import Trajectory
 from deqlab.regularizers import spectral_radius
 
 BN_MOMENTUM = 0.1
@@ -155,6 +171,38 @@ def _stem(in_channels: int, width: int, downsample_times: int) -> nn.Sequential:
     return nn.Sequential(OrderedDict(layers))
 
 
+class SkipPredictor(nn.Module):
+    """Skip DEQ's explicit initial-state predictor, one small conv stack per branch (``MODEL.SKIP skip``).
+
+    Branch i: 3x3 conv (injection width → ``width``), then i stride-2 3x3 convs (1/2^i of the injection's
+    resolution), each followed by GroupNorm and ReLU, then a 3x3 conv to the branch's width and a GroupNorm
+    whose scale starts at 0, so an untrained predictor gives z0 = 0 like the plain MDEQ.
+    """
+
+    def __init__(self, in_channels: int, channels: list[int], width: int, num_groups: int) -> None:
+        super().__init__()
+
+        def norm(c: int) -> nn.GroupNorm:
+            return nn.GroupNorm(math.gcd(num_groups, c), c)
+
+        branches = []
+        for i, out_ch in enumerate(channels):
+            layers: list[nn.Module] = [conv3x3(in_channels, width), norm(width), nn.ReLU()]
+            for _ in range(i):
+                layers += [conv3x3(width, width, stride=2), norm(width), nn.ReLU()]
+            layers += [conv3x3(width, out_ch), norm(out_ch)]
+            branches.append(nn.Sequential(*layers))
+        self.branches = nn.ModuleList(branches)
+        self.reset_output_scale()
+
+    def reset_output_scale(self) -> None:
+        for branch in self.branches:
+            nn.init.zeros_(branch[-1].weight)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [branch(x) for branch in self.branches]
+
+
 def check_resolutions(image_size: list[int], downsample_times: int, num_branches: int,
                       key: str = "MODEL.IMAGE_SIZE") -> None:
     """Each branch halves the resolution and fusion upsamples by powers of 2, so sizes must divide evenly."""
@@ -168,7 +216,8 @@ def check_resolutions(image_size: list[int], downsample_times: int, num_branches
 
 
 class MDEQBackbone(nn.Module):
-    """Stem, injection and the equilibrium cell; returns the equilibrium states, finest first."""
+    """Stem, injection and the equilibrium cell; a subclass maps the equilibrium states (finest first) to its
+    output with ``head``: ``output, info = model(x, train_step=-1, compute_jac_loss=False, f_thres=None)``."""
 
     def __init__(self, cfg: Any, in_channels: int = 3) -> None:
         super().__init__()
@@ -187,6 +236,14 @@ class MDEQBackbone(nn.Module):
             nn.ReLU())
         self.fullstage = MDEQModule(self.num_channels, list(stage.NUM_BLOCKS), m.EXPANSION_FACTOR, m.NUM_GROUPS,
                                     m.DROPOUT, m.WNORM, m.BLOCK_GN_AFFINE, m.FUSE_GN_AFFINE, m.POST_GN_AFFINE)
+        self.skip = m.SKIP
+        self.skip_weight = cfg.LOSS.SKIP_WEIGHT
+        self.skip_predictor = SkipPredictor(width, self.num_channels, m.SKIP_CHANNELS or width,
+                                            m.NUM_GROUPS) if m.SKIP == "skip" else None
+        if cfg.LOSS.FPC and cfg.DEQ.GRAD != "phantom":
+            raise ConfigError(f"LOSS.FPC (the fixed-point correction) applies the loss to the phantom-gradient "
+                              f"iterates: it needs DEQ.GRAD phantom, got {cfg.DEQ.GRAD!r}")
+        self.fpc_gap = cfg.LOSS.FPC_GAP if cfg.LOSS.FPC else 0
         d = cfg.DEQ
         self.deq = DEQ(f_solver=d.F_SOLVER, b_solver=d.B_SOLVER, f_max_iter=d.F_THRES, b_max_iter=d.B_THRES,
                        f_tol=d.F_EPS, b_tol=d.B_EPS, stop_mode=d.STOP_MODE, grad=d.GRAD,
@@ -206,6 +263,8 @@ class MDEQBackbone(nn.Module):
             elif isinstance(mod, nn.BatchNorm2d) and mod.affine:
                 nn.init.ones_(mod.weight)
                 nn.init.zeros_(mod.bias)
+        if self.skip_predictor is not None:
+            self.skip_predictor.reset_output_scale()
 
     def cell_inputs(self, x: Tensor) -> tuple[list[Tensor | None], list[Tensor]]:
         """Stem + injection: the injection list (branch 0 only) and zero initial states for every branch."""
@@ -220,18 +279,41 @@ class MDEQBackbone(nn.Module):
             z0.append(x0.new_zeros(b, c, h, w, dtype=dtype))
         return [x0] + [None] * (len(z0) - 1), z0
 
+    def head(self, z: list[Tensor]) -> Tensor:
+        """The task's output (logits) from the list of branch states."""
+        raise NotImplementedError
+
     def forward(self, x: Tensor, train_step: int = -1, compute_jac_loss: bool = False,
-                f_thres: int | None = None) -> tuple[list[Tensor], dict[str, Any]]:
+                f_thres: int | None = None) -> tuple[Tensor | Trajectory, dict[str, Any]]:
+        """``head`` of the equilibrium; in training with ``LOSS.FPC`` a :class:`Trajectory`, one output per
+        phantom iterate."""
+        z, info = self.solve(x, train_step, compute_jac_loss, f_thres)
+        if info["trajectory"] is not None:
+            return Trajectory(self.head(z_k) for z_k in info["trajectory"]), info
+        return self.head(z), info
+
+    def solve(self, x: Tensor, train_step: int = -1, compute_jac_loss: bool = False,
+              f_thres: int | None = None) -> tuple[list[Tensor], dict[str, Any]]:
+        """The equilibrium states (finest first) and the DEQ layer's ``info`` (plus ``aux_loss``, ``unrolled``,
+        ``sradius``)."""
         reset_per_forward(self.fullstage)  # weight norm once per forward, one dropout mask per forward
         injection, z0 = self.cell_inputs(x)
 
         def f(z: list[Tensor]) -> list[Tensor]:
             return self.fullstage(z, injection)
 
+        if self.skip == "skip":  # the injection detached: the skip loss trains the predictor only
+            z0 = [p.to(z.dtype) for p, z in zip(self.skip_predictor(injection[0].detach()), z0)]
+        elif self.skip == "skipreg":
+            z0 = [fz.to(z.dtype) for fz, z in zip(f(z0), z0)]
         # Like the original, train_step in [0, PRETRAIN_STEPS) selects the unrolled forward in any mode.
         unrolled = self.all_unrolled or 0 <= train_step < self.pretrain_steps
         z, info = self.deq(f, z0, f_max_iter=f_thres, fixed_depth=self.num_layers if unrolled else None,
-                           compute_jac_loss=compute_jac_loss and self.training)
+                           compute_jac_loss=compute_jac_loss and self.training, z0_predicted=self.skip != "none",
+                           trajectory_every=self.fpc_gap if self.training else 0)
+        if self.skip == "skipreg" and info["fwd"] is not None:  # count the f evaluation that made z0
+            info["fwd"] = {**info["fwd"], "nstep": info["fwd"]["nstep"] + 1, "init_nfe": 1}
+        info["aux_loss"] = None if info["skip_loss"] is None else self.skip_weight * info["skip_loss"]
         info["unrolled"] = unrolled
         info["sradius"] = None
         if self.spectral_radius_mode and not self.training:

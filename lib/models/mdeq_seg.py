@@ -24,7 +24,7 @@ class MDEQSegNet(MDEQBackbone):
     """``logits, info = model(x, train_step=-1, compute_jac_loss=False, f_thres=None)``.
 
     ``x`` (B, C, H, W) → ``logits`` (B, NUM_CLASSES, H/4, W/4) for ``DOWNSAMPLE_TIMES`` 2; ``info`` as for
-    the classifier (see docs/CONTRACTS.md).
+    the classifier (see docs/CONTRACTS.md; ``mdeq_core`` for ``MODEL.SKIP`` and ``LOSS.FPC``).
     """
 
     def __init__(self, cfg: Any) -> None:
@@ -42,13 +42,8 @@ class MDEQSegNet(MDEQBackbone):
                 mod.momentum = SEG_BN_MOMENTUM
         self.init_weights()
 
-    def segment(self, z: list[Tensor]) -> Tensor:
+    def head(self, z: list[Tensor]) -> Tensor:
         """Per-pixel logits at branch 0's resolution from the list of branch states."""
         size = z[0].shape[-2:]
         feats = [z[0]] + [F.interpolate(z_i, size=size, mode="bilinear", align_corners=True) for z_i in z[1:]]
         return self.last_layer(torch.cat(feats, dim=1))
-
-    def forward(self, x: Tensor, train_step: int = -1, compute_jac_loss: bool = False,
-                f_thres: int | None = None) -> tuple[Tensor, dict[str, Any]]:
-        z, info = super().forward(x, train_step, compute_jac_loss, f_thres)
-        return self.segment(z), info

@@ -1,0 +1,114 @@
+"""Sweep the test-time solver budget of one checkpoint: ``python tools/sweep.py --cfg FILE --checkpoint CKPT
+--f_thres 1 2 4 8 16 32 --results_name out.csv [--task cls|seg|lm] [--on_train] [--use_loss_as_perf] [KEY VALUE ...]``.
+
+Loads the model once and evaluates it with the task's full test procedure (the test tools' ``full_test``:
+sliding windows for segmentation, carried memory for a language model) at every forward budget
+(``DEQ.F_THRES``, the solver stopping earlier at ``DEQ.F_EPS``); appends one CSV row per budget with the
+columns the test tools write (config, checkpoint, split, seed, f_solver, f_thres, f_eps, perf, the task's
+metrics, loss, fwd_steps = mean forward f evaluations per batch, fwd_residual = mean final relative residual,
+count). ``tools/plot_sweep.py`` draws the file. Works for any task in ``deqlab.tasks.TASKS``; under torchrun
+every rank evaluates its shard and rank 0 writes the rows. ``--seed N`` as for the test tools (the run that
+made a ``final_state_seedN.pth.tar`` is told by its file name anyway).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+import torch
+
+from deqlab.engine.cli import parse_config, run_tool, tool_parser
+from deqlab.engine.evaluator import eval_f_thres, evaluate
+from deqlab.engine.launch import append_results_row
+from deqlab.engine.trainer import setup_logging
+from deqlab.tasks import TASKS, get_task
+from deqlab.utils.dist import cleanup, init_distributed
+
+log = logging.getLogger("deqlab")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = tool_parser(__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default="", help="weights to evaluate (default: TEST.MODEL_FILE)")
+    # str, not int: argparse hands "--f_thres 1 2 4 DEQ.F_EPS 1e-3" all to --f_thres; the KEY VALUE pairs
+    # after the budgets are moved back to the overrides (split_budgets)
+    p.add_argument("--f_thres", nargs="+", default=[], metavar="N",
+                   help="forward solver budgets (default: the TEST.F_THRES / DEQ.F_THRES of the config)")
+    p.add_argument("--task", default="cls", help=f"registered task ({', '.join(sorted(TASKS))}; default cls)")
+    p.add_argument("--on_train", "--valid_on_train", dest="on_train", action="store_true",
+                   help="evaluate on the (unaugmented) train split")
+    p.add_argument("--use_loss_as_perf", action="store_true", help="the perf column is the loss")
+    p.add_argument("--results_name", "--results_file", dest="results_name", default="",
+                   help="CSV file to append the rows to")
+    return p
+
+
+def split_budgets(values: list[str]) -> tuple[list[int], list[str]]:
+    """The leading integers of ``--f_thres`` and what follows them (config overrides)."""
+    budgets: list[int] = []
+    for i, value in enumerate(values):
+        try:
+            budgets.append(int(value))
+        except ValueError:
+            return budgets, values[i:]
+    return budgets, []
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the sweep; return the rows (also appended to ``--results_name`` by rank 0)."""
+    p = parser()
+    parsed = p.parse_args(argv)
+    budgets, overrides = split_budgets(parsed.f_thres)
+    if parsed.f_thres and not budgets:
+        p.error(f"--f_thres: expected integers, got {parsed.f_thres[0]!r}")
+    # --checkpoint is TEST.MODEL_FILE (last, so it wins): the rows name it as the test tools' rows do
+    parsed.opts = overrides + list(parsed.opts) + (["TEST.MODEL_FILE", parsed.checkpoint] if parsed.checkpoint
+                                                   else [])
+
+    class Parsed:  # parse_config's legacy flags, --seed and config loading, on the namespace fixed up above
+        @staticmethod
+        def parse_args(_argv: Any) -> argparse.Namespace:
+            return parsed
+
+    args, cfg = parse_config(Parsed(), argv)  # type: ignore[arg-type]
+    if not cfg.TEST.MODEL_FILE:
+        p.error("--checkpoint (or TEST.MODEL_FILE) is required")
+    budgets = budgets or [eval_f_thres(cfg)]
+    if min(budgets) < 1:
+        p.error(f"--f_thres: budgets must be >= 1, got {budgets}")
+    task = get_task(args.task, cfg, full_test=True)
+    dist_info = init_distributed(cfg.DEVICE)
+    setup_logging(dist_info.is_main)
+    split = "train" if args.on_train else "test"
+    rows = []
+    try:
+        torch.manual_seed(cfg.SEED)
+        model = task.build_model().to(dist_info.device)
+        task.load_weights(model, cfg.TEST.MODEL_FILE)
+        loader = task.build_loader(split, distributed=dist_info.distributed, augment=False)
+        for budget in budgets:
+            metrics = evaluate(task, model, loader, dist_info.device, f_thres=budget, desc=f"F_THRES {budget}")
+            perf = metrics["loss"] if args.use_loss_as_perf else metrics[task.best_metric]
+            row = {"config": args.cfg, "checkpoint": cfg.TEST.MODEL_FILE, "split": split, "seed": cfg.SEED,
+                   "f_solver": cfg.DEQ.F_SOLVER, "f_thres": budget, "f_eps": cfg.DEQ.F_EPS, "perf": perf,
+                   **task.result_fields(),
+                   **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+            rows.append(row)
+            if dist_info.is_main:
+                log.info("F_THRES %d on %s: %s  solver steps %.2f  residual %.2e", budget, split,
+                         task.describe(metrics), metrics["fwd_steps"], metrics["fwd_residual"])
+                if args.results_name:
+                    append_results_row(args.results_name, row)
+    finally:
+        cleanup()
+    if dist_info.is_main:
+        label = "loss" if args.use_loss_as_perf else task.perf_label
+        for row in rows:
+            print(f"F_THRES {row['f_thres']:>3}: {split} {label} {row['perf']:.4f}  "
+                  f"f evals {row['fwd_steps']:.2f}  residual {row['fwd_residual']:.2e}")
+    return rows
+
+
+if __name__ == "__main__":
+    run_tool(main)
