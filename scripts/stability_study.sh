@@ -8,7 +8,8 @@
 #
 # Defaults: 3 seeds (0..N-1), the config's TRAIN.END_EPOCH, budgets 1 2 4 8 16 32, the embedded Fashion-MNIST
 # quickstart (experiments/fashion_mnist/cls_mdeq_quickstart.yaml), output under output/stability/. KEY VALUE
-# pairs go to every training and evaluation (e.g. PERCENT 0.02 for a smoke run). Training and evaluation use
+# pairs go to every training and evaluation (e.g. PERCENT 0.02 for a smoke run; DEQ.GRAD, DEQ.F_THRES and the
+# output folders are the study's own and cannot be overridden). Training and evaluation use
 # DEQ.F_EPS 1e-7 and DEQ.RAND_F_THRES_DELTA 0, so the solver always spends its whole budget (the study's point).
 # The "unrolled" method backpropagates through all the forward solver's steps (DEQ.GRAD unrolled). A run whose
 # final checkpoint exists is not trained again (delete it to retrain); the sweeps are always redone.
@@ -49,13 +50,14 @@ for ((seed = 0; seed < SEEDS; seed++)); do
   for method in ift unrolled; do
     RUN=(DEQ.GRAD "$method" DEQ.F_THRES "$TRAIN_F_THRES" OUTPUT_DIR "$OUT/${method}_$TRAIN_F_THRES"
          LOG_DIR "$OUT/log/${method}_$TRAIN_F_THRES")
-    CKPT=$(final_checkpoint "${STUDY[@]}" "${RUN[@]}" ${OPTS[@]+"${OPTS[@]}"} SEED "$seed")
+    # the user's KEY VALUE pairs first: the method, its budget and its folders (RUN) always win
+    CKPT=$(final_checkpoint "${STUDY[@]}" ${OPTS[@]+"${OPTS[@]}"} "${RUN[@]}" SEED "$seed")
     if [ -f "$CKPT" ]; then
       echo "== seed $seed, $method: $CKPT exists, not retrained"
     else
       echo "== seed $seed, $method: training (F_THRES $TRAIN_F_THRES)"
       t0=$(date +%s)
-      python tools/cls_train.py --cfg "$CFG" --seed "$seed" "${STUDY[@]}" "${RUN[@]}" ${OPTS[@]+"${OPTS[@]}"}
+      python tools/cls_train.py --cfg "$CFG" --seed "$seed" "${STUDY[@]}" ${OPTS[@]+"${OPTS[@]}"} "${RUN[@]}"
       echo "== seed $seed, $method: trained in $(( $(date +%s) - t0 ))s"
     fi
     t0=$(date +%s)

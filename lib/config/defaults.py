@@ -137,6 +137,9 @@ _C.DEQ.F_THRES = 30            # max forward solver steps
 _C.DEQ.B_THRES = 40            # max backward solver steps
 _C.DEQ.F_EPS = 1e-3            # forward tolerance (in STOP_MODE)
 _C.DEQ.B_EPS = 1e-6            # backward tolerance (in STOP_MODE)
+_C.DEQ.F_SOLVER_MEMORY = 0     # ours: past iterates the forward solver keeps (Broyden's rank-one pairs, Anderson's
+                               # window m); 0 = the solver's default (Broyden: all, Anderson: 5, DEQ-Transformer 6)
+_C.DEQ.B_SOLVER_MEMORY = 0     # ours: the same for the backward solver
 _C.DEQ.RAND_F_THRES_DELTA = 2  # MDEQ: iterations that add the Jacobian loss get F_THRES + a random -delta..+1
                                # forward steps, others F_THRES (locuslab/mdeq); the DEQ-Transformer: every
                                # iteration gets F_THRES - U{0..delta} (locuslab/deq). Never below 1.
@@ -147,6 +150,7 @@ _C.DEQ.PHANTOM_TAU = 0.5       # ours: damping tau of the phantom gradient
 _SOLVER = registered("deqlab.solvers", "SOLVERS")
 allow("DEQ", F_SOLVER=_SOLVER, B_SOLVER=_SOLVER, STOP_MODE=registered("deqlab.solvers.common", "STOP_MODES"),
       F_THRES=integer(lo=1), B_THRES=integer(lo=1), F_EPS=number(lo=0), B_EPS=number(lo=0),
+      F_SOLVER_MEMORY=integer(lo=0), B_SOLVER_MEMORY=integer(lo=0),
       RAND_F_THRES_DELTA=integer(lo=0), GRAD=registered("deqlab.deq", "GRAD_MODES"), PHANTOM_STEPS=integer(lo=1),
       PHANTOM_TAU=number(0, 1, lo_open=True))
 

@@ -26,6 +26,7 @@ from deqlab.deq import DEQ
 from deqlab.layers import SequenceDropout, WeightNormConv1d, WeightNormLinear, reset_per_forward
 from deqlab.models.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, tie_adaptive
 from deqlab.regularizers import spectral_radius
+from deqlab.solvers import memory_options
 
 Mems = list[Tensor]  # [z (mlen, bsz, d_model), u (mlen, bsz, 3 d_model)]
 
@@ -138,7 +139,8 @@ class DEQTransformerLM(nn.Module):
                  cutoffs: list[int] | None = None, f_solver: str = "anderson", b_solver: str = "broyden",
                  f_thres: int = 30, b_thres: int = 40, f_eps: float = 1e-3, b_eps: float = 1e-6,
                  stop_mode: str = "rel", grad: str = "ift", phantom_steps: int = 5, phantom_tau: float = 0.5,
-                 spectral_radius_mode: bool = False, init_std: float = 0.01, proj_init_std: float = 0.01) -> None:
+                 spectral_radius_mode: bool = False, init_std: float = 0.01, proj_init_std: float = 0.01,
+                 f_solver_memory: int = 0, b_solver_memory: int = 0) -> None:
         super().__init__()
         d_embed = d_model if d_embed is None or d_embed < 0 else d_embed
         cutoffs = list(cutoffs or [])
@@ -156,9 +158,12 @@ class DEQTransformerLM(nn.Module):
         self.func = DecoderCell(n_head, d_model, d_head, d_inner, dropout, dropatt, pre_lnorm, local_size, wnorm)
         self.crit = ProjectedAdaptiveLogSoftmax(n_token, d_embed, d_model, cutoffs, div_val=div_val)
         tie_adaptive(self.word_emb, self.crit, tie_weights, list(tie_projs or [False]))
+        f_window = 6 if f_solver == "anderson" else 0  # the original's Anderson window
         self.deq = DEQ(f_solver=f_solver, b_solver=b_solver, f_max_iter=f_thres, b_max_iter=b_thres, f_tol=f_eps,
                        b_tol=b_eps, stop_mode=stop_mode, grad=grad, phantom_steps=phantom_steps,
-                       phantom_tau=phantom_tau, f_solver_options={"m": 6} if f_solver == "anderson" else None)
+                       phantom_tau=phantom_tau,
+                       f_solver_options=memory_options(f_solver, f_solver_memory or f_window, "DEQ.F_SOLVER_MEMORY"),
+                       b_solver_options=memory_options(b_solver, b_solver_memory, "DEQ.B_SOLVER_MEMORY"))
         self.init_weights(init_std, proj_init_std)
 
     def init_weights(self, std: float, proj_std: float) -> None:
@@ -193,7 +198,8 @@ class DEQTransformerLM(nn.Module):
                    pretrain_steps=cfg.TRAIN.PRETRAIN_STEPS, cutoffs=cutoffs, f_solver=d.F_SOLVER,
                    b_solver=d.B_SOLVER, f_thres=d.F_THRES, b_thres=d.B_THRES, f_eps=d.F_EPS, b_eps=d.B_EPS,
                    stop_mode=d.STOP_MODE, grad=d.GRAD, phantom_steps=d.PHANTOM_STEPS, phantom_tau=d.PHANTOM_TAU,
-                   spectral_radius_mode=d.SPECTRAL_RADIUS_MODE, init_std=t.INIT_STD, proj_init_std=t.PROJ_INIT_STD)
+                   spectral_radius_mode=d.SPECTRAL_RADIUS_MODE, init_std=t.INIT_STD, proj_init_std=t.PROJ_INIT_STD,
+                   f_solver_memory=d.F_SOLVER_MEMORY, b_solver_memory=d.B_SOLVER_MEMORY)
 
     def injection(self, data: Tensor) -> Tensor:
         """The input injection u of (qlen, bsz) tokens: (bsz, 3 d_model, qlen)."""

@@ -39,6 +39,7 @@ from deqlab.errors import ConfigError
 from deqlab.layers import VariationalDropout2d, WeightNormConv2d, conv3x3, reset_per_forward
 from deqlab.losses import Trajectory
 from deqlab.regularizers import spectral_radius
+from deqlab.solvers import memory_options
 
 BN_MOMENTUM = 0.1
 
@@ -247,7 +248,9 @@ class MDEQBackbone(nn.Module):
         d = cfg.DEQ
         self.deq = DEQ(f_solver=d.F_SOLVER, b_solver=d.B_SOLVER, f_max_iter=d.F_THRES, b_max_iter=d.B_THRES,
                        f_tol=d.F_EPS, b_tol=d.B_EPS, stop_mode=d.STOP_MODE, grad=d.GRAD,
-                       phantom_steps=d.PHANTOM_STEPS, phantom_tau=d.PHANTOM_TAU)
+                       phantom_steps=d.PHANTOM_STEPS, phantom_tau=d.PHANTOM_TAU,
+                       f_solver_options=memory_options(d.F_SOLVER, d.F_SOLVER_MEMORY, "DEQ.F_SOLVER_MEMORY"),
+                       b_solver_options=memory_options(d.B_SOLVER, d.B_SOLVER_MEMORY, "DEQ.B_SOLVER_MEMORY"))
 
     def init_weights(self) -> None:
         """The original's init: convs N(0, 0.01), BatchNorm affine (1, 0); weight norm g = ||v||."""

@@ -32,7 +32,22 @@ def get_solver(name: str) -> Callable:
     return SOLVERS[name]
 
 
+# The option through which each solver bounds the history it keeps: Broyden's rank-one pairs, Anderson's window.
+MEMORY_OPTIONS = {"broyden": "memory", "anderson": "m"}
+
+
+def memory_options(name: str, memory: int, key: str = "DEQ.F_SOLVER_MEMORY") -> dict[str, int]:
+    """The options that bound solver ``name``'s history to ``memory`` past iterates; 0 keeps its default."""
+    if memory == 0:
+        return {}
+    if name not in MEMORY_OPTIONS:
+        raise ConfigError(f"{key} {memory}: solver {name!r} keeps no history (only "
+                          f"{', '.join(sorted(MEMORY_OPTIONS))} do); use 0")
+    return {MEMORY_OPTIONS[name]: memory}
+
+
 for _fn in (broyden, anderson, fixed_point):
     register_solver(_fn.__name__, _fn)
 
-__all__ = ["get_solver", "register_solver", "broyden", "anderson", "fixed_point", "SOLVERS"]
+__all__ = ["get_solver", "register_solver", "memory_options", "MEMORY_OPTIONS", "broyden", "anderson", "fixed_point",
+           "SOLVERS"]

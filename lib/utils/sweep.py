@@ -157,8 +157,11 @@ def plot_sweep(rows: list[Row], perf_label: str = "performance", group_by: str =
     budget_label = "forward solver budget at test time (F_THRES)"
     ax_perf.set(xlabel=budget_label, ylabel=perf_label)
     ax_res.set(xlabel=budget_label, ylabel="final relative residual")
+    budgets = sorted({s.f_thres for series in groups.values() for s in series["perf"]})
     for ax in (ax_perf, ax_res):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])  # the budgets themselves, not powers of 2
+        ax.minorticks_off()
         ax.grid(True, alpha=0.3)
     ax_perf.legend()
     fig.tight_layout()
