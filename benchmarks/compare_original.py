@@ -2,6 +2,7 @@
 
     git clone https://github.com/locuslab/mdeq /path/to/mdeq && pip install termcolor   # the original, as shipped
     python benchmarks/compare_original.py --mdeq /path/to/mdeq [--f-thres 10 22 30] [--batch 32] [--steps 3]
+                                          [--variants ours ours_nhwc ours_nhwc_bf16 floor]
                                           [--out benchmarks/results/compare_original.json]
 
 The original's code is imported from that checkout at run time (never copied here). Both build MDEQ-TINY from
@@ -10,7 +11,8 @@ of random 32×32 images; a train step is forward + cross-entropy + backward + Ad
 Broyden (implicit) backward, both at ``F_THRES = B_THRES = t``; an eval step is the no-grad forward at ``t``.
 Ours runs with tolerance 0 so it never stops before the budget (the original's solvers may stop earlier on their
 own tolerance: a conservative comparison). Each (implementation, t) runs in a fresh process, one after the other;
-the median over ``--steps`` timed steps after one warm-up. The table gives ours / original.
+the median over ``--steps`` timed steps after one warm-up. The table gives each variant's time and its ratio to
+the original's (``VARIANTS`` below: ``floor`` is the cost of the cell's evaluations and VJPs alone).
 """
 from __future__ import annotations
 
@@ -30,16 +32,33 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = "experiments/cifar/cls_mdeq_TINY.yaml"
 
 
-def build_ours(f_thres: int):
+# Our variants: the default (same algorithm and precision as the original), channels-last, channels-last with
+# bfloat16 autocast (CPU AMP: not the original's precision, reported beside it), and the f/VJP floor (plain
+# fixed-point iteration both ways: only the cell's evaluations and VJPs, no solver work).
+VARIANTS = {
+    "ours": [],
+    "ours_nhwc": ["MODEL.CHANNELS_LAST", "True"],
+    "ours_nhwc_bf16": ["MODEL.CHANNELS_LAST", "True", "AMP.ENABLED", "True"],
+    "floor": ["DEQ.F_SOLVER", "fixed_point", "DEQ.B_SOLVER", "fixed_point"],
+}
+
+
+def build_ours(f_thres: int, variant: str = "ours"):
     from deqlab.config import load_config
+    from deqlab.engine.evaluator import autocast_context
     from deqlab.models import build_model
 
     cfg = load_config(REPO / CONFIG, ["DEQ.F_SOLVER", "broyden", "DEQ.B_SOLVER", "broyden", "DEQ.GRAD", "ift",
                                       "DEQ.F_THRES", str(f_thres), "DEQ.B_THRES", str(f_thres), "DEQ.F_EPS", "0.0",
-                                      "DEQ.B_EPS", "0.0", "TRAIN.PRETRAIN_STEPS", "0", "MODEL.DROPOUT", "0.0"])
+                                      "DEQ.B_EPS", "0.0", "TRAIN.PRETRAIN_STEPS", "0", "MODEL.DROPOUT", "0.0",
+                                      *VARIANTS[variant]])
     torch.manual_seed(0)
     model = build_model(cfg)
-    return model, lambda x: model(x, train_step=10**9, f_thres=f_thres)[0]
+
+    def forward(x):
+        with autocast_context(cfg, torch.device("cpu")):
+            return model(x, train_step=10**9, f_thres=f_thres)[0].float()
+    return model, forward
 
 
 def build_original(root: str, f_thres: int):
@@ -91,35 +110,39 @@ def main() -> None:
     parser.add_argument("--f-thres", type=int, nargs="+", default=[10, 22, 30])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS),
+                        help="our variants to time beside the original (default: all)")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/compare_original.json"))
     parser.add_argument("--child", nargs=2, metavar=("WHICH", "F_THRES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         which, f_thres = args.child[0], int(args.child[1])
-        model, forward = build_ours(f_thres) if which == "ours" else build_original(args.mdeq, f_thres)
+        model, forward = build_ours(f_thres, which) if which in VARIANTS else build_original(args.mdeq, f_thres)
         print(json.dumps(time_steps(model, forward, args.batch, args.steps)))
         return
     if not (Path(args.mdeq) / "lib/models/mdeq.py").is_file():
         sys.exit(f"error: --mdeq {args.mdeq} is not a locuslab/mdeq checkout (no lib/models/mdeq.py)")
+    variants = ["original", *args.variants]
     rows = []
-    print(f"{'F=B thres':>9} {'ours train s':>13} {'orig train s':>13} {'ratio':>6} {'ours eval s':>12} "
-          f"{'orig eval s':>12} {'ratio':>6}")
+    header = f"{'t':>3} {'variant':>15} {'train s':>8} {'/orig':>6} {'eval s':>7} {'/orig':>6}"
+    print(header)
     for f_thres in args.f_thres:
         result = {}
-        for which in ("ours", "original"):
+        for which in variants:  # one after the other, each in a fresh process
             cmd = [sys.executable, str(Path(__file__).resolve()), "--mdeq", str(Path(args.mdeq).resolve()),
                    "--child", which, str(f_thres), "--batch", str(args.batch), "--steps", str(args.steps)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"error: the {which} step failed: {proc.stderr.strip().splitlines()[-1]}")
             result[which] = json.loads(proc.stdout.strip().splitlines()[-1])
-        row = {"f_thres": f_thres, "batch": args.batch, "ours": result["ours"], "original": result["original"],
-               "train_ratio": result["ours"]["train_s"] / result["original"]["train_s"],
-               "eval_ratio": result["ours"]["eval_s"] / result["original"]["eval_s"]}
-        rows.append(row)
-        print(f"{f_thres:>9} {row['ours']['train_s']:>13.2f} {row['original']['train_s']:>13.2f} "
-              f"{row['train_ratio']:>6.2f} {row['ours']['eval_s']:>12.3f} {row['original']['eval_s']:>12.3f} "
-              f"{row['eval_ratio']:>6.2f}", flush=True)
+        orig = result["original"]
+        for which in variants:
+            r = result[which]
+            row = {"f_thres": f_thres, "batch": args.batch, "variant": which, **r,
+                   "train_ratio": r["train_s"] / orig["train_s"], "eval_ratio": r["eval_s"] / orig["eval_s"]}
+            rows.append(row)
+            print(f"{f_thres:>3} {which:>15} {r['train_s']:>8.3f} {row['train_ratio']:>6.2f} {r['eval_s']:>7.3f} "
+                  f"{row['eval_ratio']:>6.2f}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "torch": torch.__version__}, indent=2))
     print(f"wrote {args.out}")

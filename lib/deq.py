@@ -46,6 +46,7 @@ fixed-point correction loss (``deqlab.losses.fixed_point_correction``, Geng et a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -59,20 +60,48 @@ States = Tensor | Sequence[Tensor]
 GRAD_MODES = ("ift", "phantom", "unrolled")
 
 
-def pack(states: States) -> tuple[Tensor, list[torch.Size] | None]:
-    """Flatten a tensor or list of (B, ...) tensors into one (B, N) tensor; return it and the shapes."""
-    if isinstance(states, Tensor):
-        return states.reshape(states.shape[0], -1), None
-    shapes = [s.shape for s in states]
-    return torch.cat([s.reshape(s.shape[0], -1) for s in states], dim=1), shapes
+@dataclass(frozen=True)
+class Layout:
+    """How :func:`pack` flattened a state: each tensor's shape, whether it was flattened in channels-last
+    order, and whether the state was a single tensor (rather than a list)."""
+    shapes: tuple[torch.Size, ...]
+    channels_last: tuple[bool, ...]
+    single: bool
 
 
-def unpack(flat: Tensor, shapes: list[torch.Size] | None, like: Tensor | None = None) -> States:
-    """Inverse of :func:`pack`; a single-tensor state comes back with the shape of ``like``."""
-    if shapes is None:
-        return flat.reshape(like.shape) if like is not None else flat
-    sizes = [s[1:].numel() for s in shapes]
-    return [chunk.reshape(shape) for chunk, shape in zip(flat.split(sizes, dim=1), shapes)]
+def is_channels_last(t: Tensor) -> bool:
+    """A 4-D tensor stored channels-last (NHWC memory order; a tensor that is both counts as NCHW)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def pack(states: States, layout: Layout | None = None) -> tuple[Tensor, Layout]:
+    """Flatten a tensor or list of (B, ...) tensors into one (B, N) tensor; return it and its :class:`Layout`.
+
+    A channels-last state is flattened in its memory order (N, H, W, C), which needs no copy; the solvers'
+    norms and inner products do not depend on the order. Pass the ``layout`` of an earlier pack to flatten
+    in that order whatever the tensors' strides: f(z) must be flattened exactly as z was.
+    """
+    single = isinstance(states, Tensor)
+    states = [states] if single else list(states)
+    if layout is None:
+        layout = Layout(tuple(s.shape for s in states), tuple(is_channels_last(s) for s in states), single)
+    flat = [(s.permute(0, 2, 3, 1) if nhwc else s).reshape(s.shape[0], -1)
+            for s, nhwc in zip(states, layout.channels_last)]
+    return (flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)), layout
+
+
+def unpack(flat: Tensor, layout: Layout) -> States:
+    """Inverse of :func:`pack` (views of ``flat``): channels-last states come back as NCHW-shaped views of
+    their NHWC memory."""
+    sizes = [s[1:].numel() for s in layout.shapes]
+    out = []
+    for chunk, shape, nhwc in zip(flat.split(sizes, dim=1), layout.shapes, layout.channels_last):
+        if nhwc:
+            b, c, h, w = shape
+            out.append(chunk.reshape(b, h, w, c).permute(0, 3, 1, 2))
+        else:
+            out.append(chunk.reshape(shape))
+    return out[0] if layout.single else out
 
 
 class DEQ(nn.Module):
@@ -139,8 +168,7 @@ class DEQ(nn.Module):
         graph, return ``info["skip_loss"]``. ``trajectory_every=k`` (phantom gradient): return every k-th
         phantom iterate, and the last, in ``info["trajectory"]``.
         """
-        like = z0 if isinstance(z0, Tensor) else None
-        z0_flat, shapes = pack(z0)
+        z0_flat, layout = pack(z0)
         predicted = None  # the predicted z0 with its graph, when there is one to regularise
         if z0_predicted:
             z0_flat = z0_flat.to(torch.promote_types(z0_flat.dtype, torch.float32))
@@ -157,7 +185,7 @@ class DEQ(nn.Module):
 
         def f_flat(z: Tensor) -> Tensor:
             with torch.autocast(device_type, dtype=amp_dtype, enabled=amp):
-                return pack(f(unpack(z, shapes, like)))[0].to(dtype)
+                return pack(f(unpack(z, layout)), layout)[0].to(dtype)
 
         info: dict[str, Any] = {"fwd": None, "bwd": {}, "jac_loss": None, "skip_loss": None, "trajectory": None}
         graph = None  # (f(z*), z*) with autograd, when the ift gradient built it
@@ -176,7 +204,7 @@ class DEQ(nn.Module):
             if torch.is_grad_enabled():
                 out, graph, trajectory = self._attach_gradient(f_flat, z_star, info, trajectory_every)
                 if trajectory is not None:
-                    info["trajectory"] = [unpack(t, shapes, like) for t in trajectory]
+                    info["trajectory"] = [unpack(t, layout) for t in trajectory]
         if predicted is not None:
             info["skip_loss"] = (predicted.float() - z_star.detach().float()).pow(2).mean()
         if compute_jac_loss and torch.is_grad_enabled():
@@ -184,7 +212,7 @@ class DEQ(nn.Module):
                 z_in = out.detach().requires_grad_()
                 graph = (f_flat(z_in), z_in)
             info["jac_loss"] = jacobian_frobenius_loss(*graph)
-        return unpack(out, shapes, like), info
+        return unpack(out, layout), info
 
     def _solve(self, f_flat: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int | None):
         with torch.autocast(z0.device.type, enabled=False):

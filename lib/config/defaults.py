@@ -45,7 +45,8 @@ _C.CUDNN.BENCHMARK = True
 _C.CUDNN.DETERMINISTIC = False
 _C.CUDNN.ENABLED = True
 
-_C.AMP = CN()                  # ours: mixed precision on CUDA; the fixed-point solver always runs in fp32
+_C.AMP = CN()                  # ours: mixed precision (CUDA; bfloat16 on the CPU); the fixed-point solver always
+                               # runs in fp32
 _C.AMP.ENABLED = False
 _C.AMP.DTYPE = "bfloat16"      # "bfloat16" (no scaler) or "float16" (with GradScaler)
 allow("AMP", DTYPE=choice("bfloat16", "float16"))
@@ -65,6 +66,9 @@ _C.MODEL.BLOCK_GN_AFFINE = True
 _C.MODEL.FUSE_GN_AFFINE = True
 _C.MODEL.POST_GN_AFFINE = True
 _C.MODEL.IMAGE_SIZE = [224, 224]  # width, height of the network input
+_C.MODEL.CHANNELS_LAST = False # ours, MDEQ: keep weights and activations channels-last (NHWC); the solver's flat
+                               # state follows that memory order. Same results; faster oneDNN convs on CPU
+                               # (benchmarks/README.md)
 _C.MODEL.SKIP = "none"         # ours, MDEQ: initial state of the solve (Skip DEQ, Pal et al. 2022): "none" (zeros),
                                # "skip" (a per-branch conv predictor from the injection, trained only by the skip
                                # loss) or "skipreg" (Skip DEQ V2: one cell application from zeros, f(0; x), no

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from deqlab.errors import ConfigError
 from deqlab.solvers.common import solver_summary
 from deqlab.utils.dist import all_reduce_sum, is_main_process, to_device
 
@@ -22,10 +23,13 @@ def eval_f_thres(cfg: Any) -> int:
 
 
 def autocast_context(cfg: Any, device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA when ``AMP.ENABLED``; the DEQ keeps its solver state in fp32 regardless."""
-    if cfg.AMP.ENABLED and device.type == "cuda":
-        return torch.autocast("cuda", dtype=getattr(torch, cfg.AMP.DTYPE))
-    return contextlib.nullcontext()
+    """Mixed precision when ``AMP.ENABLED``: ``AMP.DTYPE`` on CUDA, bfloat16 on the CPU (oneDNN runs bf16
+    convolutions and matmuls on CPUs with AVX512-BF16/AMX); the DEQ keeps its solver state in fp32 regardless."""
+    if not cfg.AMP.ENABLED:
+        return contextlib.nullcontext()
+    if device.type == "cpu" and cfg.AMP.DTYPE != "bfloat16":
+        raise ConfigError(f"AMP.DTYPE {cfg.AMP.DTYPE} needs CUDA (its gradient scaler); on the CPU use bfloat16")
+    return torch.autocast(device.type, dtype=getattr(torch, cfg.AMP.DTYPE))
 
 
 @torch.no_grad()

@@ -70,6 +70,7 @@ class Trainer:
         self.dist = dist_info or init_distributed(cfg.DEVICE)
         self.device = self.dist.device
         self.files = run_files(cfg, cfg_path, keyed_by_seed)
+        autocast_context(cfg, self.device)  # an AMP setting this device cannot run fails before anything is built
         self.out_dir, self.tb_dir = self.files.out_dir, self.files.tb_dir
         torch.backends.cudnn.benchmark = cfg.CUDNN.BENCHMARK
         torch.backends.cudnn.deterministic = cfg.CUDNN.DETERMINISTIC

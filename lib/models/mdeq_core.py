@@ -237,6 +237,7 @@ class MDEQBackbone(nn.Module):
             nn.ReLU())
         self.fullstage = MDEQModule(self.num_channels, list(stage.NUM_BLOCKS), m.EXPANSION_FACTOR, m.NUM_GROUPS,
                                     m.DROPOUT, m.WNORM, m.BLOCK_GN_AFFINE, m.FUSE_GN_AFFINE, m.POST_GN_AFFINE)
+        self.channels_last = m.CHANNELS_LAST
         self.skip = m.SKIP
         self.skip_weight = cfg.LOSS.SKIP_WEIGHT
         self.skip_predictor = SkipPredictor(width, self.num_channels, m.SKIP_CHANNELS or width,
@@ -268,6 +269,8 @@ class MDEQBackbone(nn.Module):
                 nn.init.zeros_(mod.bias)
         if self.skip_predictor is not None:
             self.skip_predictor.reset_output_scale()
+        if self.channels_last:  # after the init, so a seed gives the same weights in either layout
+            self.to(memory_format=torch.channels_last)
 
     def cell_inputs(self, x: Tensor) -> tuple[list[Tensor | None], list[Tensor]]:
         """Stem + injection: the injection list (branch 0 only) and zero initial states for every branch."""
@@ -280,6 +283,8 @@ class MDEQBackbone(nn.Module):
         for c in self.num_channels[1:]:
             h, w = h // 2, w // 2
             z0.append(x0.new_zeros(b, c, h, w, dtype=dtype))
+        if self.channels_last:
+            z0 = [z.contiguous(memory_format=torch.channels_last) for z in z0]
         return [x0] + [None] * (len(z0) - 1), z0
 
     def head(self, z: list[Tensor]) -> Tensor:
@@ -300,6 +305,8 @@ class MDEQBackbone(nn.Module):
         """The equilibrium states (finest first) and the DEQ layer's ``info`` (plus ``aux_loss``, ``unrolled``,
         ``sradius``)."""
         reset_per_forward(self.fullstage)  # weight norm once per forward, one dropout mask per forward
+        if self.channels_last:  # the stem's outputs and so the injection follow the input's layout
+            x = x.contiguous(memory_format=torch.channels_last)
         injection, z0 = self.cell_inputs(x)
 
         def f(z: list[Tensor]) -> list[Tensor]:
@@ -325,7 +332,7 @@ class MDEQBackbone(nn.Module):
 
     def _spectral_radius(self, f: Callable[[list[Tensor]], list[Tensor]], z: list[Tensor]) -> Tensor:
         with torch.enable_grad():
-            flat, shapes = pack([t.detach() for t in z])
+            flat, layout = pack([t.detach() for t in z])
             flat.requires_grad_()
-            fz, _ = pack(f(unpack(flat, shapes)))
+            fz, _ = pack(f(unpack(flat, layout)), layout)
             return spectral_radius(fz, flat)

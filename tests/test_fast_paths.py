@@ -1,0 +1,110 @@
+"""The speed switches change no result: channels-last states and weights (MODEL.CHANNELS_LAST) and their
+flattening, and mixed precision on the CPU (AMP.ENABLED, bfloat16)."""
+import pytest
+import torch
+
+from deqlab.checkpoint import load_weights, save_checkpoint
+from deqlab.config import load_config
+from deqlab.deq import DEQ, is_channels_last, pack, unpack
+from deqlab.engine import Trainer
+from deqlab.errors import ConfigError
+from deqlab.models import build_model
+
+from conftest import REPO, TINY_OVERRIDES
+
+CLS_CFG = REPO / "experiments/fashion_mnist/cls_mdeq_quickstart.yaml"
+NHWC = torch.channels_last
+
+
+def test_channels_last_states_flatten_in_memory_order_without_a_copy():
+    a = torch.randn(2, 3, 4, 5).contiguous(memory_format=NHWC)
+    b = torch.randn(2, 6)
+    flat, layout = pack(a)
+    assert layout.channels_last == (True,) and flat.data_ptr() == a.data_ptr()  # a view: no copy
+    assert torch.equal(flat, a.permute(0, 2, 3, 1).reshape(2, -1))
+    back = unpack(flat, layout)
+    assert torch.equal(back, a) and is_channels_last(back)
+    flat, layout = pack([a, b])
+    assert layout.channels_last == (True, False) and flat.shape == (2, 60 + 6)
+    assert all(torch.equal(x, y) for x, y in zip(unpack(flat, layout), [a, b]))
+    # with a layout given, an NCHW tensor is flattened in the recorded (NHWC) order: f(z) matches z
+    again, _ = pack([a.contiguous(), b], layout)
+    assert torch.equal(again, flat)
+    assert not is_channels_last(torch.randn(2, 1, 4, 4).contiguous(memory_format=NHWC))  # both: NCHW wins
+
+
+def test_the_solve_is_the_same_in_either_layout():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1).double()
+    with torch.no_grad():
+        conv.weight.mul_(0.3)
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    f = lambda z: torch.tanh(conv(z) + x)  # noqa: E731
+    deq = DEQ(f_solver="broyden", f_max_iter=40, f_tol=1e-12, stop_mode="abs")
+    z0 = torch.zeros_like(x)
+    z_nchw, info_a = deq(f, z0)
+    z_nhwc, info_b = deq(f, z0.contiguous(memory_format=NHWC))
+    assert is_channels_last(z_nhwc) and info_a["fwd"]["nstep"] == info_b["fwd"]["nstep"]
+    assert torch.allclose(z_nchw, z_nhwc, atol=1e-12)
+
+
+def tiny(*overrides):
+    cfg = load_config(CLS_CFG, TINY_OVERRIDES + ["DEQ.F_EPS", "0", *overrides])
+    torch.manual_seed(0)
+    return build_model(cfg, "cls"), cfg
+
+
+def test_a_channels_last_mdeq_equals_the_nchw_one_forward_and_backward(tmp_path):
+    plain, _ = tiny()
+    fast, _ = tiny("MODEL.CHANNELS_LAST", "True")
+    convs = [p for n, p in fast.named_parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1]
+    assert convs and all(p.is_contiguous(memory_format=NHWC) for p in convs)
+    for (name, a), (_, b) in zip(plain.named_parameters(), fast.named_parameters()):
+        assert torch.equal(a, b), name  # same seed, same weights: the layout is taken after the init
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    grads = []
+    for model in (plain, fast):
+        model.train()
+        logits, info = model(x, train_step=10)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        grads.append((loss, torch.autograd.grad(loss, list(model.parameters())), info["bwd"]["nstep"]))
+    (la, ga, na), (lb, gb, nb) = grads
+    assert na == nb and torch.allclose(la, lb, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(ga, gb))  # float32 round-off
+    # a channels-last checkpoint loads into an NCHW model (and the other way round) with the same outputs
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_checkpoint(tmp_path / "cl.pth", {"model": fast.state_dict()})
+    load_weights(plain, tmp_path / "cl.pth")
+    plain.eval(), fast.eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(x)[0], fast(x)[0], atol=1e-6)
+    assert all(p.is_contiguous(memory_format=NHWC) for p in convs)  # loading keeps a model's own layout
+
+
+def test_cpu_mixed_precision_runs_the_cell_in_bfloat16_and_trains(tiny_run):
+    path, overrides, _ = tiny_run
+    losses = {}
+    for amp in ("False", "True"):
+        cfg = load_config(path, overrides + ["AMP.ENABLED", amp, "TRAIN.PRETRAIN_STEPS", "0", "DEQ.GRAD", "ift",
+                                             "TRAIN.LR", "0.01", "TRAIN.LR_SCHEDULER", "constant"])
+        trainer = Trainer(cfg, path)
+        dtypes = set()
+        conv = trainer.model.fullstage.branches[0].blocks[0].conv1
+        conv.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+        x, y = next(iter(trainer.train_loader))
+        losses[amp] = [trainer.train_step(x, y)["loss"] for _ in range(15)]
+        assert dtypes == ({torch.bfloat16} if amp == "True" else {torch.float32})
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    # fifteen steps on one batch (2.27 at the start, measured 1.15 in fp32 and 1.09 in bf16): both fit it alike
+    assert losses["True"][-1] < 0.6 * losses["True"][0] and losses["False"][-1] < 0.6 * losses["False"][0]
+    assert losses["True"][-1] == pytest.approx(losses["False"][-1], rel=0.15)
+
+
+def test_float16_on_the_cpu_is_refused_before_anything_is_written(tiny_run):
+    path, overrides, tmp = tiny_run
+    cfg = load_config(path, overrides + ["AMP.ENABLED", "True", "AMP.DTYPE", "float16"])
+    with pytest.raises(ConfigError, match="AMP.DTYPE float16 needs CUDA .*; on the CPU use bfloat16"):
+        Trainer(cfg, path)
+    assert not (tmp / "out").exists()
