@@ -16,10 +16,9 @@ if [ "$TASK" = lm ]; then
   FINAL=$(python -c "import sys; from deqlab.config import load_config; from deqlab.engine import run_files; \
 print(run_files(load_config(sys.argv[1], sys.argv[2:]), sys.argv[1]).best)" "$CFG" "$@")
   rm -f output/lm_quickstart_sweep.csv
-  for f_thres in 2 4 8 16 32; do  # test-time forward budget: perplexity and residual
-    python tools/lm_eval.py --cfg "$CFG" --results_file output/lm_quickstart_sweep.csv "$@" TEST.MODEL_FILE "$FINAL" \
-      DATASET.TEST_SET test DEQ.F_THRES $f_thres DEQ.F_EPS 1e-6 | tail -1
-  done
+  # test-time forward budget: perplexity and residual, the model loaded once
+  python tools/sweep.py --task lm --cfg "$CFG" --checkpoint "$FINAL" --results_name output/lm_quickstart_sweep.csv \
+    --f_thres 2 4 8 16 32 "$@" DATASET.TEST_SET test DEQ.F_EPS 1e-6 | tail -5
   python -c "import csv; from deqlab.data.lm import load_corpus, unigram_perplexity; c = load_corpus('data/austen'); \
 print(f'unigram perplexity of the test split: {unigram_perplexity(c.train, c.test, len(c.vocab)):.1f}'); \
 [print(f\"F_THRES {r['f_thres']:>2}: test ppl {float(r['ppl']):7.2f}  residual {float(r['fwd_residual']):.2e}\") \
