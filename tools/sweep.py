@@ -16,11 +16,9 @@ import argparse
 import logging
 from typing import Any
 
-import torch
-
-from deqlab.engine.cli import parse_config, run_tool, tool_parser
+from deqlab.engine.cli import config_from_args, run_tool, tool_parser
 from deqlab.engine.evaluator import eval_f_thres, evaluate
-from deqlab.engine.launch import append_results_row
+from deqlab.engine.launch import append_results_row, load_for_test, results_row
 from deqlab.engine.trainer import setup_logging
 from deqlab.tasks import TASKS, get_task
 from deqlab.utils.dist import cleanup, init_distributed
@@ -65,13 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     # --checkpoint is TEST.MODEL_FILE (last, so it wins): the rows name it as the test tools' rows do
     parsed.opts = overrides + list(parsed.opts) + (["TEST.MODEL_FILE", parsed.checkpoint] if parsed.checkpoint
                                                    else [])
-
-    class Parsed:  # parse_config's legacy flags, --seed and config loading, on the namespace fixed up above
-        @staticmethod
-        def parse_args(_argv: Any) -> argparse.Namespace:
-            return parsed
-
-    args, cfg = parse_config(Parsed(), argv)  # type: ignore[arg-type]
+    args, cfg = config_from_args(parsed)
     if not cfg.TEST.MODEL_FILE:
         p.error("--checkpoint (or TEST.MODEL_FILE) is required")
     budgets = budgets or [eval_f_thres(cfg)]
@@ -83,17 +75,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     split = "train" if args.on_train else "test"
     rows = []
     try:
-        torch.manual_seed(cfg.SEED)
-        model = task.build_model().to(dist_info.device)
-        task.load_weights(model, cfg.TEST.MODEL_FILE)
-        loader = task.build_loader(split, distributed=dist_info.distributed, augment=False)
+        model, loader = load_for_test(task, split, dist_info)
         for budget in budgets:
             metrics = evaluate(task, model, loader, dist_info.device, f_thres=budget, desc=f"F_THRES {budget}")
             perf = metrics["loss"] if args.use_loss_as_perf else metrics[task.best_metric]
-            row = {"config": args.cfg, "checkpoint": cfg.TEST.MODEL_FILE, "split": split, "seed": cfg.SEED,
-                   "f_solver": cfg.DEQ.F_SOLVER, "f_thres": budget, "f_eps": cfg.DEQ.F_EPS, "perf": perf,
-                   **task.result_fields(),
-                   **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+            row = results_row(args.cfg, task, split, budget, perf, metrics)
             rows.append(row)
             if dist_info.is_main:
                 log.info("F_THRES %d on %s: %s  solver steps %.2f  residual %.2e", budget, split,

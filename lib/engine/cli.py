@@ -36,7 +36,11 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
     ``args.seed_explicit`` says whether the command line chose the seed (``--seed N`` or ``SEED N``): such a
     run's files are keyed by the seed, so several seeds can share an OUTPUT_DIR.
     """
-    args = parser.parse_args(argv)
+    return config_from_args(parser.parse_args(argv))
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[argparse.Namespace, CfgNode]:
+    """:func:`parse_config` for a command line already parsed (a tool that rearranges its arguments first)."""
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     flags = [item for flag, key in LEGACY_FLAGS.items() if getattr(args, flag.lstrip("-")) is not None

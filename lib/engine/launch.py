@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from deqlab.engine.cli import parse_config, tool_parser
 from deqlab.engine.evaluator import eval_f_thres, evaluate
 from deqlab.engine.trainer import Trainer, setup_logging
 from deqlab.errors import ConfigError
-from deqlab.tasks import get_task
-from deqlab.utils.dist import cleanup, init_distributed
+from deqlab.tasks import Task, get_task
+from deqlab.utils.dist import DistInfo, cleanup, init_distributed
 
 log = logging.getLogger("deqlab")
 
@@ -74,10 +75,7 @@ def test_main(task: str, description: str, argv: list[str] | None = None,
     setup_logging(dist_info.is_main)
     split = "train" if args.valid_on_train else "test"
     try:
-        torch.manual_seed(cfg.SEED)
-        model = the_task.build_model().to(dist_info.device)
-        the_task.load_weights(model, cfg.TEST.MODEL_FILE)
-        loader = the_task.build_loader(split, distributed=dist_info.distributed, augment=False)
+        model, loader = load_for_test(the_task, split, dist_info)
         on_batch = batch_hook(args, cfg, loader) if batch_hook is not None else None
         metrics = evaluate(the_task, model, loader, dist_info.device, f_thres=eval_f_thres(cfg), desc="test",
                            on_batch=on_batch)
@@ -94,9 +92,23 @@ def test_main(task: str, description: str, argv: list[str] | None = None,
             log.info("%s: %s", name, " ".join(f"{i}:{v:.2f}" for i, v in enumerate(values)))
     print(f"{split} {'loss' if args.use_loss_as_perf else the_task.perf_label}: {perf:.4f}")
     if args.results_name:
-        append_results_row(args.results_name, {
-            "config": args.cfg, "checkpoint": cfg.TEST.MODEL_FILE, "split": split, "seed": cfg.SEED,
-            "f_solver": cfg.DEQ.F_SOLVER, "f_thres": eval_f_thres(cfg), "f_eps": cfg.DEQ.F_EPS, "perf": perf,
-            **the_task.result_fields(),
-            **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+        append_results_row(args.results_name, results_row(args.cfg, the_task, split, eval_f_thres(cfg), perf, metrics))
     return metrics
+
+
+def load_for_test(task: Task, split: str, dist_info: DistInfo) -> tuple[nn.Module, Any]:
+    """The task's model with ``TEST.MODEL_FILE`` loaded (seeded, on the run's device) and the un-augmented
+    loader of ``split`` (this rank's shard)."""
+    torch.manual_seed(task.cfg.SEED)
+    model = task.build_model().to(dist_info.device)
+    task.load_weights(model, task.cfg.TEST.MODEL_FILE)
+    return model, task.build_loader(split, distributed=dist_info.distributed, augment=False)
+
+
+def results_row(cfg_path: str, task: Task, split: str, f_thres: int, perf: float,
+                metrics: dict[str, Any]) -> dict[str, Any]:
+    """The CSV row of one evaluation (``--results_name``), the columns ``tools/plot_sweep.py`` reads."""
+    cfg = task.cfg
+    return {"config": cfg_path, "checkpoint": cfg.TEST.MODEL_FILE, "split": split, "seed": cfg.SEED,
+            "f_solver": cfg.DEQ.F_SOLVER, "f_thres": f_thres, "f_eps": cfg.DEQ.F_EPS, "perf": perf,
+            **task.result_fields(), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}

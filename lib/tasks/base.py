@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from deqlab.checkpoint import load_weights
 from deqlab.data import build_loader
+from deqlab.losses import Trajectory, fixed_point_correction
 from deqlab.solvers.common import solver_summary
 from deqlab.models import build_model
 from deqlab.utils.dist import all_reduce_sum
@@ -88,8 +89,17 @@ class Task:
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         """Restore :meth:`state_dict` when a run resumes."""
 
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        """The training loss of a batch (a scalar)."""
+    def loss(self, output: Tensor | Trajectory, target: Tensor) -> Tensor:
+        """The loss of a batch (a scalar). For a :class:`~deqlab.losses.Trajectory` (a model trained with
+        ``LOSS.FPC``: one output per phantom iterate) the fixed-point correction of the outputs' losses."""
+        if isinstance(output, Trajectory):
+            fpc = self.cfg.LOSS
+            return fixed_point_correction([self.output_loss(o, target) for o in output], fpc.FPC_WEIGHTS,
+                                          fpc.FPC_GAMMA)
+        return self.output_loss(output, target)
+
+    def output_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """The loss of one output of the model for a batch (a scalar)."""
         raise NotImplementedError
 
     def train_stats(self, output: Tensor, target: Tensor) -> dict[str, float]:

@@ -1,17 +1,16 @@
 """Image classification (MDEQ on CIFAR-10, ImageNet, Fashion-MNIST): cross-entropy, top-1/top-5.
 
-With ``LOSS.FPC`` the model's training output is a list (a ``deqlab.losses.Trajectory``) of logits, one per
-phantom iterate: the loss is their fixed-point correction; the per-step accuracy is the last one's.
+With ``LOSS.FPC`` the model's training output is a ``deqlab.losses.Trajectory`` of logits, one per phantom
+iterate: ``Task.loss`` takes their fixed-point correction; the per-step accuracy is the last one's.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deqlab.losses import fixed_point_correction
 from deqlab.tasks.base import Meter, Task
 
 
@@ -38,15 +37,10 @@ class ClassificationTask(Task):
     perf_label = "accuracy (top-1, %)"
     pretrained_exclude = ("classifier.",)  # a new dataset's classes: keep the fresh classifier
 
-    def loss(self, output: Tensor | Sequence[Tensor], target: Tensor) -> Tensor:
-        """Cross-entropy; for a list of outputs (``LOSS.FPC``) the fixed-point correction of their losses."""
-        if isinstance(output, (list, tuple)):
-            loss = self.cfg.LOSS
-            return fixed_point_correction([self.loss(o, target) for o in output], loss.FPC_WEIGHTS, loss.FPC_GAMMA)
+    def output_loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output.float(), target)
 
-    def train_stats(self, output: Tensor | Sequence[Tensor], target: Tensor) -> dict[str, float]:
-        output = output[-1] if isinstance(output, (list, tuple)) else output  # the equilibrium's output
+    def train_stats(self, output: Tensor, target: Tensor) -> dict[str, float]:
         return {"acc": 100 * (output.argmax(1) == target).float().mean().item()}
 
     def new_meter(self, device: torch.device) -> Meter:

@@ -120,7 +120,7 @@ class LanguageModelTask(Task):
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.mems[True] = [m.to(device) for m in state.get("mems", [])] or None
 
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+    def output_loss(self, output: Tensor, target: Tensor) -> Tensor:
         return output.float().mean()
 
     def train_stats(self, output: Tensor, target: Tensor) -> dict[str, float]:

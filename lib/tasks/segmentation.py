@@ -5,17 +5,17 @@ Validation during training: one whole-image forward per image. ``tools/seg_test.
 sliding windows of ``TEST.IMAGE_SIZE`` over the image resized to ``TEST.BASE_SIZE``, optionally several
 scales (``TEST.MULTI_SCALE``) and flipping (``TEST.FLIP_TEST``). Metrics: mIoU, per-class IoU, pixel accuracy
 from a confusion matrix summed over ranks. With ``LOSS.FPC`` the training loss is the fixed-point correction
-over the model's list of outputs (one per phantom iterate); the per-step pixel accuracy is the last one's.
+over the model's outputs, one per phantom iterate (``Task.loss``); the per-step pixel accuracy is the last one's.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from deqlab.inference import ORIGINAL_TEST_SCALES, segment
-from deqlab.losses import build_seg_criterion, fixed_point_correction, upsample_to
+from deqlab.losses import build_seg_criterion, upsample_to
 from deqlab.metrics import confusion_matrix, segmentation_scores
 from deqlab.tasks.base import Meter, Task
 
@@ -54,16 +54,11 @@ class SegmentationTask(Task):
         super().__init__(cfg, full_test)
         self.criterion: nn.Module = build_seg_criterion(cfg)
 
-    def loss(self, output: Tensor | Sequence[Tensor], target: Tensor) -> Tensor:
-        """The criterion; for a list of outputs (``LOSS.FPC``) the fixed-point correction of their losses."""
-        if isinstance(output, (list, tuple)):
-            loss = self.cfg.LOSS
-            return fixed_point_correction([self.loss(o, target) for o in output], loss.FPC_WEIGHTS, loss.FPC_GAMMA)
+    def output_loss(self, output: Tensor, target: Tensor) -> Tensor:
         self.criterion = self.criterion.to(output.device)
         return self.criterion(output.float(), target)
 
-    def train_stats(self, output: Tensor | Sequence[Tensor], target: Tensor) -> dict[str, float]:
-        output = output[-1] if isinstance(output, (list, tuple)) else output  # the equilibrium's output
+    def train_stats(self, output: Tensor, target: Tensor) -> dict[str, float]:
         pred = logits_at(output, target.shape[-2:]).argmax(1)
         valid = target != self.cfg.TRAIN.IGNORE_LABEL
         return {"pixel_acc": 100 * ((pred == target) & valid).sum().item() / max(valid.sum().item(), 1)}
