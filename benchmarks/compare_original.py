@@ -32,26 +32,34 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = "experiments/cifar/cls_mdeq_TINY.yaml"
 
 
-# Our variants: the default (same algorithm and precision as the original), channels-last, channels-last with
-# bfloat16 autocast (CPU AMP: not the original's precision, reported beside it), and the f/VJP floor (plain
-# fixed-point iteration both ways: only the cell's evaluations and VJPs, no solver work).
+# Our variants: the default (the original's algorithm and precision; CPU_ALLOCATOR retain, as the tools set it),
+# the same with glibc's malloc left as it is, the cell compiled for the solver's no-grad iterations, channels-last
+# (with and without the compiled cell), channels-last with bfloat16 autocast (CPU AMP: not the original's
+# precision, reported beside it), and the f/VJP floor (plain fixed-point iteration both ways: only the cell's
+# evaluations and VJPs, no solver work). ``original_retain`` is the original with our allocator setting.
 VARIANTS = {
     "ours": [],
+    "ours_system_malloc": ["CPU_ALLOCATOR", "system"],
+    "ours_compile": ["MODEL.COMPILE", "True"],
     "ours_nhwc": ["MODEL.CHANNELS_LAST", "True"],
+    "ours_nhwc_compile": ["MODEL.CHANNELS_LAST", "True", "MODEL.COMPILE", "True"],
     "ours_nhwc_bf16": ["MODEL.CHANNELS_LAST", "True", "AMP.ENABLED", "True"],
     "floor": ["DEQ.F_SOLVER", "fixed_point", "DEQ.B_SOLVER", "fixed_point"],
 }
+ORIGINALS = ("original", "original_retain")
 
 
 def build_ours(f_thres: int, variant: str = "ours"):
     from deqlab.config import load_config
     from deqlab.engine.evaluator import autocast_context
     from deqlab.models import build_model
+    from deqlab.utils.cpu_allocator import configure_cpu_allocator
 
     cfg = load_config(REPO / CONFIG, ["DEQ.F_SOLVER", "broyden", "DEQ.B_SOLVER", "broyden", "DEQ.GRAD", "ift",
                                       "DEQ.F_THRES", str(f_thres), "DEQ.B_THRES", str(f_thres), "DEQ.F_EPS", "0.0",
                                       "DEQ.B_EPS", "0.0", "TRAIN.PRETRAIN_STEPS", "0", "MODEL.DROPOUT", "0.0",
                                       *VARIANTS[variant]])
+    configure_cpu_allocator(cfg.CPU_ALLOCATOR)
     torch.manual_seed(0)
     model = build_model(cfg)
 
@@ -61,7 +69,10 @@ def build_ours(f_thres: int, variant: str = "ours"):
     return model, forward
 
 
-def build_original(root: str, f_thres: int):
+def build_original(root: str, f_thres: int, retain: bool = False):
+    if retain:
+        from deqlab.utils.cpu_allocator import retain_freed_memory
+        retain_freed_memory()
     sys.path[:0] = [f"{root}/lib", f"{root}/lib/models", f"{root}/lib/modules"]
     os.chdir(root)  # the original resolves some imports and paths from its root
     from config import config  # noqa: E402  (the original's yacs defaults)
@@ -91,17 +102,17 @@ def time_steps(model, forward, batch: int, steps: int) -> dict:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if i:
-            train.append(time.perf_counter() - start)
+        train.append(time.perf_counter() - start)
+    first, train = train[0], train[1:]  # the warm-up step: with MODEL.COMPILE it includes the compilation
     model.eval()
     evals = []
     with torch.no_grad():
         for i in range(steps + 1):
             start = time.perf_counter()
             forward(x)
-            if i:
-                evals.append(time.perf_counter() - start)
-    return {"train_s": statistics.median(train), "eval_s": statistics.median(evals)}
+            evals.append(time.perf_counter() - start)
+    return {"train_s": statistics.median(train), "eval_s": statistics.median(evals[1:]),
+            "warmup_s": first - statistics.median(train) + evals[0] - statistics.median(evals[1:])}
 
 
 def main() -> None:
@@ -117,14 +128,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         which, f_thres = args.child[0], int(args.child[1])
-        model, forward = build_ours(f_thres, which) if which in VARIANTS else build_original(args.mdeq, f_thres)
+        model, forward = (build_ours(f_thres, which) if which in VARIANTS else
+                          build_original(args.mdeq, f_thres, retain=which == "original_retain"))
         print(json.dumps(time_steps(model, forward, args.batch, args.steps)))
         return
     if not (Path(args.mdeq) / "lib/models/mdeq.py").is_file():
         sys.exit(f"error: --mdeq {args.mdeq} is not a locuslab/mdeq checkout (no lib/models/mdeq.py)")
-    variants = ["original", *args.variants]
+    variants = [*ORIGINALS, *args.variants]
     rows = []
-    header = f"{'t':>3} {'variant':>15} {'train s':>8} {'/orig':>6} {'eval s':>7} {'/orig':>6}"
+    # /orig: ratio to the original as shipped; /kept: to the original run with our allocator setting
+    header = (f"{'t':>3} {'variant':>18} {'train s':>8} {'/orig':>6} {'/kept':>6} {'eval s':>7} {'/orig':>6} "
+              f"{'/kept':>6} {'warm-up s':>9}")
     print(header)
     for f_thres in args.f_thres:
         result = {}
@@ -135,14 +149,17 @@ def main() -> None:
             if proc.returncode:
                 sys.exit(f"error: the {which} step failed: {proc.stderr.strip().splitlines()[-1]}")
             result[which] = json.loads(proc.stdout.strip().splitlines()[-1])
-        orig = result["original"]
+        orig, kept = result["original"], result["original_retain"]
         for which in variants:
             r = result[which]
             row = {"f_thres": f_thres, "batch": args.batch, "variant": which, **r,
-                   "train_ratio": r["train_s"] / orig["train_s"], "eval_ratio": r["eval_s"] / orig["eval_s"]}
+                   "train_ratio": r["train_s"] / orig["train_s"], "eval_ratio": r["eval_s"] / orig["eval_s"],
+                   "train_ratio_retain": r["train_s"] / kept["train_s"],
+                   "eval_ratio_retain": r["eval_s"] / kept["eval_s"]}
             rows.append(row)
-            print(f"{f_thres:>3} {which:>15} {r['train_s']:>8.3f} {row['train_ratio']:>6.2f} {r['eval_s']:>7.3f} "
-                  f"{row['eval_ratio']:>6.2f}", flush=True)
+            print(f"{f_thres:>3} {which:>18} {r['train_s']:>8.3f} {row['train_ratio']:>6.2f} "
+                  f"{row['train_ratio_retain']:>6.2f} {r['eval_s']:>7.3f} {row['eval_ratio']:>6.2f} "
+                  f"{row['eval_ratio_retain']:>6.2f} {r['warmup_s']:>9.1f}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "torch": torch.__version__}, indent=2))
     print(f"wrote {args.out}")

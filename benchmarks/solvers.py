@@ -15,6 +15,12 @@ each timed solve NFE single calls are timed (same machine load) on distinct inpu
 a solve, and their median is the call time (see ``measure``). If ``torchdeq`` imports, its solvers run
 beside ours as ``torchdeq/<name>`` (reference only; the targets apply to ours).
 
+Memory-traffic floor: our solvers' own work per step (everything but f) is a fixed number of passes over
+(B, N) float32 vectors, counted from their code in ``traffic``: elementwise passes and passes over the stored
+history (Broyden: 4 per stored pair, Anderson: 2 per window row). Bandwidth is measured on each problem's state
+size: an elementwise add cycling over distinct vectors, and a bmm reading a 20-row history as Broyden's
+products do. ``floor = bytes / bandwidth`` per step, against the measured ``(solve − NFE × call) / NFE``.
+
 Run: ``python benchmarks/solvers.py [--repeats 5] [--problems a,b] [--solvers a,b] [--out PATH]``.
 """
 from __future__ import annotations
@@ -124,6 +130,52 @@ def measure(solve: Callable[[Fn, Tensor], Tensor], f: Fn, z0: Tensor, repeats: i
             "call_ms": 1e3 * t_c, "call_ms_warm": 1e3 * t_warm, "overhead": t_s / (nfe * t_c)}
 
 
+def traffic(solver: str, nfe: int, window: int = 5) -> tuple[int, int] | None:
+    """(elementwise, history) passes over one state vector for a solve of ``nfe`` evaluations by our ``solver``
+    (defaults: Broyden's full memory, Anderson's window 5); None for a solver without a count.
+
+    Counted from the no-grad code paths, a read or a write of one (B, N) vector being one pass:
+    fixed_point, per step: the residual f(z) − z (3) and its two norms (2). anderson, step j with
+    n = min(j + 1, m) rows: residual (3), norms (2), the copy of f(x) into the ring (2), the Gram row
+    (g in: 1, n rows) and the mixing (n rows, x out: 1). broyden: the first evaluation (residual 3, norms 2,
+    first step 2), then with n stored pairs: z + Δz (3), residual (3), norms (2), the four history products
+    (vectors in/out 4, two subtractions 6; history 4n; without pairs two negations, 4 in all), the update and
+    next step (13).
+    """
+    if solver == "fixed_point":
+        return 5 * nfe, 0
+    if solver == "anderson":
+        return 9 * nfe, sum(2 * min(j + 1, window) for j in range(nfe))
+    if solver == "broyden":
+        steps = range(nfe - 1)  # n = k stored pairs at loop step k (memory >= max_iter here)
+        return 7 + sum(21 + (10 if k else 4) for k in steps), sum(4 * k for k in steps)
+    return None
+
+
+def bandwidth(state: Tensor, repeats: int = 20) -> tuple[float, float]:
+    """(elementwise, history) bytes/s on vectors of ``state``'s size: ``add(a, b, out=c)`` over distinct
+    vectors, and the bmm of one vector with a 20-row slot-major history (Broyden's layout)."""
+    flat = state.reshape(state.shape[0], -1)
+    pool = [torch.randn_like(flat) for _ in range(POOL)]
+    out = torch.empty_like(flat)
+    nbytes = flat.numel() * flat.element_size()
+    t_add = median_time(lambda: [torch.add(pool[i], pool[i + 1], out=out) for i in range(POOL - 1)], repeats)
+    hist = torch.randn(20, *flat.shape).transpose(0, 1)  # (B, 20, N) view of (20, B, N) slots
+    t_bmm = median_time(lambda: torch.bmm(flat.unsqueeze(1), hist.transpose(1, 2)), repeats)
+    return 3 * nbytes * (POOL - 1) / t_add, 20 * nbytes / t_bmm
+
+
+def add_floor(row: dict, state: Tensor, bw: tuple[float, float]) -> None:
+    """Per direction: our solver's measured ms per step beyond f, its memory-traffic floor and their ratio."""
+    nbytes = state.numel() * state.element_size()
+    for k in ("fwd", "bwd"):
+        m = row[k]
+        m["solver_ms_per_step"] = (m["time_ms"] - m["nfe"] * m["call_ms"]) / m["nfe"]
+        passes = traffic(row["solver"], m["nfe"])
+        m["floor_ms_per_step"] = None if passes is None else \
+            1e3 * nbytes * (passes[0] / bw[0] + passes[1] / bw[1]) / m["nfe"]
+
+
 def adjoint(f: Fn, z_star: Tensor) -> tuple[Fn, Fn, Tensor]:
     """The backward problem at z*: (vjp, g -> vjp(g) + v, zeros), as DEQ's ift hook sets it up."""
     torch.manual_seed(3)
@@ -149,11 +201,16 @@ def run(problems: list[str], solvers: list[str], repeats: int) -> list[dict]:
                 f_pool.append(f(f_pool[-1]))
         vjp, f_adj, g0 = adjoint(f, z_star)
         g_pool = [torch.randn_like(g0) for _ in range(POOL)]
+        bw = bandwidth(z0)
+        print(f"  {pname}: state {z0.numel() * 4 / 2**20:.1f} MB, bandwidth {bw[0] / 1e9:.1f} GB/s elementwise, "
+              f"{bw[1] / 1e9:.1f} GB/s history", flush=True)
         for label in solvers:
             solve = make_solver(label)
             row = {"problem": pname, "solver": label,
                    "fwd": measure(solve, f, z0, repeats, f_pool),
-                   "bwd": measure(solve, f_adj, g0, repeats, g_pool, vjp)}
+                   "bwd": measure(solve, f_adj, g0, repeats, g_pool, vjp),
+                   "bandwidth_gbs": [b / 1e9 for b in bw]}
+            add_floor(row, z0, bw)
             rows.append(row)
             print(f"  done {pname:<14} {label:<25} fwd nfe {row['fwd']['nfe']:>3}  bwd nfe {row['bwd']['nfe']:>3}",
                   flush=True)
@@ -198,6 +255,15 @@ def print_table(rows: list[dict], met: dict[str, dict[str, Any]]) -> None:
         print(f"{p if p != last else '':<14} {r['solver']:<25} | {cells[0]} | {cells[1]} | {flag}")
         last = p
     print("-" * len(head))
+    print(f"\n{'problem':<14} {'solver':<12} | {'solver ms/step':>14} {'floor ms':>9} {'x floor':>7} | "
+          f"{'solver ms/step':>14} {'floor ms':>9} {'x floor':>7}   (forward | backward; ours)")
+    for r in rows:
+        if r["fwd"].get("floor_ms_per_step") is None:
+            continue
+        cells = [f"{r[k]['solver_ms_per_step']:>14.3f} {r[k]['floor_ms_per_step']:>9.3f} "
+                 f"{r[k]['solver_ms_per_step'] / r[k]['floor_ms_per_step']:>7.2f}" for k in ("fwd", "bwd")]
+        print(f"{r['problem']:<14} {r['solver']:<12} | {cells[0]} | {cells[1]}")
+    print()
     for p, m in met.items():
         bad = [k for k, ok in m["checks"].items() if not ok]
         print(f"{p:<14} target {'met' if m['met'] else 'MISSED'}: " + ("; ".join(m["checks"]) if not bad else

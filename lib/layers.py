@@ -12,6 +12,8 @@ Call :func:`reset_per_forward` on the model at the start of each forward pass.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -140,6 +142,29 @@ def reset_per_forward(module: nn.Module) -> None:
             m.reset_per_forward()
 
 
+class CellRunner:
+    """How a model calls its DEQ cell: eagerly, or with ``compile`` (``MODEL.COMPILE``) through
+    ``torch.compile`` (static shapes, compiled on first use) wherever autograd is off.
+
+    Compiling pays in the forward solver's iterations, which run without autograd, from inductor's fused
+    kernels; the one application with a graph and its repeated VJPs stay eager: a compiled backward was measured
+    slower here, because it recomputes the fused pointwise ops on every VJP. A plain object, not a submodule, so
+    the state_dict is the same either way. A new input shape (another batch size, a memory that grew)
+    compiles again.
+    """
+
+    def __init__(self, module: nn.Module, compile: bool = False) -> None:
+        self.module, self.compile = module, compile
+        self._compiled: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.compile or torch.is_grad_enabled():
+            return self.module(*args)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.module, dynamic=False)
+        return self._compiled(*args)
+
+
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1, bias: bool = False, wnorm: bool = False) -> nn.Conv2d:
     """3x3 convolution with padding 1, weight-normalised when ``wnorm``."""
     cls = WeightNormConv2d if wnorm else nn.Conv2d
@@ -147,4 +172,4 @@ def conv3x3(in_ch: int, out_ch: int, stride: int = 1, bias: bool = False, wnorm:
 
 
 __all__ = ["WeightNormConv1d", "WeightNormConv2d", "WeightNormLinear", "VariationalDropout2d", "SequenceDropout",
-           "reset_per_forward", "conv3x3"]
+           "reset_per_forward", "conv3x3", "CellRunner"]

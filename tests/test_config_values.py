@@ -82,6 +82,7 @@ def test_values_at_the_edges_of_what_is_allowed_load(override):
     (["PERCENT", "0"], "PERCENT must be a number in (0, 1], got 0.0"),
     (["WORKERS", "-1"], "WORKERS must be an int >= 0, got -1"),
     (["DEVICE", "gpu"], "DEVICE must be one of auto, cpu, cuda, got 'gpu'"),
+    (["CPU_ALLOCATOR", "jemalloc"], "CPU_ALLOCATOR must be one of retain, system, got 'jemalloc'"),
     (["TRAIN.OPTIMIZER", "adamw"], "TRAIN.OPTIMIZER must be one of adam, radam, sgd, got 'adamw'"),
     (["TRAIN.LR", "0"], "TRAIN.LR must be a number > 0, got 0.0"),
     (["DEQ.RAND_F_THRES_DELTA", "-1"], "DEQ.RAND_F_THRES_DELTA must be an int >= 0, got -1"),

@@ -209,3 +209,35 @@ def test_under_autocast_f_runs_in_bf16_and_the_solver_in_fp32(grad):
     assert info["fwd"]["rel_lowest"].dtype == torch.float32 and info["fwd"]["rel_lowest"].max() < 1e-2
     z.sum().backward()
     assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
+
+
+@pytest.mark.parametrize("solver", ["broyden", "anderson", "fixed_point"])
+def test_backward_solve_skips_the_vjp_at_zero_and_changes_no_iterate(solver):
+    """The adjoint map at g = 0 is dL/dz* itself: one VJP fewer than solver steps, and the same gradient as
+    the backward solve run on the plain VJP map from zeros."""
+    w, u, x = make_problem(seed=2)
+    c = torch.randn(B, D, dtype=torch.float64)
+    deq = DEQ(f_solver="broyden", b_solver=solver, grad="ift", f_max_iter=300, b_max_iter=12, f_tol=1e-13,
+              b_tol=0.0, stop_mode="abs")
+    calls = []
+
+    def counted(z):
+        z = z.view_as(z)
+        if z.requires_grad:
+            z.register_hook(lambda g: calls.append(1))  # fires once per VJP with respect to the state
+        return cell(w, u, x)(z)
+
+    z, info = deq(counted, torch.zeros(B, D, dtype=torch.float64))
+    grads = torch.autograd.grad((z * c).sum(), (w, u, x))
+    assert info["bwd"]["nstep"] == 12 and info["bwd"]["vjp_evals"] == 11
+    assert len(calls) == 11
+
+    # The reference: the same solver on a copy of its zero start, so every step takes the full VJP path.
+    reference = DEQ(f_solver="broyden", b_solver=solver, grad="ift", f_max_iter=300, b_max_iter=12, f_tol=1e-13,
+                    b_tol=0.0, stop_mode="abs")
+    plain = reference.b_solver
+    reference.b_solver = lambda f, z0, **kw: plain(f, z0.clone(), **kw)
+    z_ref, info_ref = reference(cell(w, u, x), torch.zeros(B, D, dtype=torch.float64))
+    for got, want in zip(grads, torch.autograd.grad((z_ref * c).sum(), (w, u, x))):
+        assert torch.equal(got, want)
+    assert info_ref["bwd"]["vjp_evals"] == 12

@@ -108,3 +108,68 @@ def test_float16_on_the_cpu_is_refused_before_anything_is_written(tiny_run):
     with pytest.raises(ConfigError, match="AMP.DTYPE float16 needs CUDA .*; on the CPU use bfloat16"):
         Trainer(cfg, path)
     assert not (tmp / "out").exists()
+
+
+def test_a_compiled_cell_gives_the_eager_results_and_is_compiled_only_without_autograd(tmp_path):
+    """MODEL.COMPILE: the forward solver's no-grad iterations run compiled, the graph-building application and
+    its VJPs eagerly; outputs, gradients and checkpoints are those of the eager model."""
+    eager, _ = tiny("MODEL.DROPOUT", "0.0")
+    compiled, _ = tiny("MODEL.DROPOUT", "0.0", "MODEL.COMPILE", "True")
+    assert list(eager.state_dict()) == list(compiled.state_dict())  # the runner is not a submodule
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    compiled.train()
+    compiled(x, train_step=0)  # pretraining: f applied with autograd only, so nothing is compiled
+    assert compiled.cell._compiled is None
+    results = []
+    for model in (eager, compiled):
+        model.train()
+        logits, info = model(x, train_step=10)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters())), info))
+    (la, ga, ia), (lb, gb, ib) = results
+    assert compiled.cell._compiled is not None
+    assert ia["fwd"]["nstep"] == ib["fwd"]["nstep"] and ia["bwd"]["nstep"] == ib["bwd"]["nstep"]
+    assert torch.allclose(la, lb, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-3) for a, b in zip(ga, gb))  # float32 round-off
+    save_checkpoint(tmp_path / "c.pth", {"model": compiled.state_dict()})
+    load_weights(eager, tmp_path / "c.pth")
+    eager.eval(), compiled.eval()
+    with torch.no_grad():
+        assert torch.allclose(eager(x)[0], compiled(x)[0], atol=1e-5)
+
+
+def test_training_with_a_compiled_cell_converges_as_without(tiny_run):
+    path, overrides, _ = tiny_run
+    losses = {}
+    for flag in ("False", "True"):
+        cfg = load_config(path, overrides + ["MODEL.COMPILE", flag, "MODEL.DROPOUT", "0.0", "TRAIN.PRETRAIN_STEPS",
+                                             "0", "TRAIN.LR", "0.01", "TRAIN.LR_SCHEDULER", "constant"])
+        trainer = Trainer(cfg, path)
+        x, y = next(iter(trainer.train_loader))
+        losses[flag] = [trainer.train_step(x, y)["loss"] for _ in range(15)]
+    assert losses["True"][-1] < 0.6 * losses["True"][0]
+    # the same steps up to float32 round-off, amplified over 15 Adam steps
+    assert losses["True"] == pytest.approx(losses["False"], rel=0.02)
+
+
+def test_a_compiled_deq_transformer_cell_gives_the_eager_loss():
+    from deqlab.models import DEQTransformerLM
+
+    def lm(compile):
+        torch.manual_seed(0)
+        return DEQTransformerLM(n_token=40, n_layer=2, eval_n_layer=2, n_head=2, d_model=16, d_head=8, d_inner=32,
+                                dropout=0.0, dropatt=0.0, tgt_len=6, mem_len=6, pretrain_steps=0, f_thres=8,
+                                b_thres=8, f_eps=0.0, compile=compile)
+
+    data, target = torch.randint(0, 40, (6, 3)), torch.randint(0, 40, (6, 3))
+    eager, compiled = lm(False), lm(True)
+    outputs = []
+    for model in (eager, compiled):
+        model.eval()
+        with torch.no_grad():
+            loss, mems, _ = model(data, target)
+            loss2, _, _ = model(data, target, mems)  # with a memory: a new shape, compiled again
+        outputs.append((loss, loss2))
+    assert compiled.cell._compiled is not None
+    for a, b in zip(*outputs):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if min(budgets) < 1:
         p.error(f"--f_thres: budgets must be >= 1, got {budgets}")
     task = get_task(args.task, cfg, full_test=True)
-    dist_info = init_distributed(cfg.DEVICE)
+    dist_info = init_distributed(cfg.DEVICE, cfg.CPU_ALLOCATOR)
     setup_logging(dist_info.is_main)
     split = "train" if args.on_train else "test"
     rows = []

@@ -36,9 +36,12 @@ _C.PERCENT = 1.0               # fraction of the training set to use (a fixed ra
 _C.PRINT_FREQ = 20             # iterations between log lines / tensorboard scalars
 _C.SEED = 0                    # ours: global seed (each rank adds its rank where randomness must differ)
 _C.DEVICE = "auto"             # ours: "auto" (cuda if available), "cpu" or "cuda"
+_C.CPU_ALLOCATOR = "retain"    # ours: "retain" keeps freed tensor memory (up to 32 MiB a block) in glibc's heap
+                               # for reuse instead of unmapping it and page-faulting it back on the next op
+                               # (eager MDEQ cells ~30% faster on the CPU); "system" leaves malloc as it is
 allow("", VERSION=choice(1, 2), OUTPUT_DIR=ANY, LOG_DIR=ANY, DATA_DIR=ANY, GPUS=unused(list_of(integer(lo=0))),
       WORKERS=integer(lo=0), PERCENT=number(0, 1, lo_open=True), PRINT_FREQ=integer(lo=1), SEED=integer(lo=0),
-      DEVICE=choice("auto", "cpu", "cuda"))
+      DEVICE=choice("auto", "cpu", "cuda"), CPU_ALLOCATOR=choice("retain", "system"))
 
 _C.CUDNN = CN()
 _C.CUDNN.BENCHMARK = True
@@ -69,6 +72,9 @@ _C.MODEL.IMAGE_SIZE = [224, 224]  # width, height of the network input
 _C.MODEL.CHANNELS_LAST = False # ours, MDEQ: keep weights and activations channels-last (NHWC); the solver's flat
                                # state follows that memory order. Same results; faster oneDNN convs on CPU
                                # (benchmarks/README.md)
+_C.MODEL.COMPILE = False       # ours: torch.compile the DEQ cell for the forward solver's no-grad iterations (the
+                               # application with a graph and its VJPs stay eager); each new input shape compiles
+                               # once, seconds on a CPU (benchmarks/README.md)
 _C.MODEL.SKIP = "none"         # ours, MDEQ: initial state of the solve (Skip DEQ, Pal et al. 2022): "none" (zeros),
                                # "skip" (a per-branch conv predictor from the injection, trained only by the skip
                                # loss) or "skipreg" (Skip DEQ V2: one cell application from zeros, f(0; x), no

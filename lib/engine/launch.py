@@ -23,7 +23,7 @@ log = logging.getLogger("deqlab")
 def train_main(task: str, description: str, argv: list[str] | None = None) -> None:
     """``--cfg FILE [--seed N] [KEY VALUE ...]``: train ``task`` on one process or under torchrun."""
     args, cfg = parse_config(tool_parser(description), argv)
-    dist_info = init_distributed(cfg.DEVICE)
+    dist_info = init_distributed(cfg.DEVICE, cfg.CPU_ALLOCATOR)
     setup_logging(dist_info.is_main)
     try:
         trainer = Trainer(cfg, args.cfg, dist_info, task=task, keyed_by_seed=args.seed_explicit)
@@ -71,7 +71,7 @@ def test_main(task: str, description: str, argv: list[str] | None = None,
         raise ConfigError("TEST.MODEL_FILE is empty: pass the checkpoint to evaluate, e.g. TEST.MODEL_FILE "
                           "output/<dataset>/<config name>/final_state.pth")
     the_task = get_task(task, cfg, full_test=True)
-    dist_info = init_distributed(cfg.DEVICE)
+    dist_info = init_distributed(cfg.DEVICE, cfg.CPU_ALLOCATOR)
     setup_logging(dist_info.is_main)
     split = "train" if args.valid_on_train else "test"
     try:

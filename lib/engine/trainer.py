@@ -67,7 +67,7 @@ class Trainer:
                  task: str | Task = "cls", keyed_by_seed: bool = False) -> None:
         self.cfg = cfg
         self.task = get_task(task, cfg) if isinstance(task, str) else task
-        self.dist = dist_info or init_distributed(cfg.DEVICE)
+        self.dist = dist_info or init_distributed(cfg.DEVICE, cfg.CPU_ALLOCATOR)
         self.device = self.dist.device
         self.files = run_files(cfg, cfg_path, keyed_by_seed)
         autocast_context(cfg, self.device)  # an AMP setting this device cannot run fails before anything is built

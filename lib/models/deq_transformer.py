@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deqlab.deq import DEQ
-from deqlab.layers import SequenceDropout, WeightNormConv1d, WeightNormLinear, reset_per_forward
+from deqlab.layers import CellRunner, SequenceDropout, WeightNormConv1d, WeightNormLinear, reset_per_forward
 from deqlab.models.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, tie_adaptive
 from deqlab.regularizers import spectral_radius
 from deqlab.solvers import memory_options
@@ -140,7 +140,7 @@ class DEQTransformerLM(nn.Module):
                  f_thres: int = 30, b_thres: int = 40, f_eps: float = 1e-3, b_eps: float = 1e-6,
                  stop_mode: str = "rel", grad: str = "ift", phantom_steps: int = 5, phantom_tau: float = 0.5,
                  spectral_radius_mode: bool = False, init_std: float = 0.01, proj_init_std: float = 0.01,
-                 f_solver_memory: int = 0, b_solver_memory: int = 0) -> None:
+                 f_solver_memory: int = 0, b_solver_memory: int = 0, compile: bool = False) -> None:
         super().__init__()
         d_embed = d_model if d_embed is None or d_embed < 0 else d_embed
         cutoffs = list(cutoffs or [])
@@ -156,6 +156,7 @@ class DEQTransformerLM(nn.Module):
         self.inject_conv = nn.Conv1d(d_model, 3 * d_model, kernel_size=1)
         self.pos_emb = PositionalEmbedding(d_model)
         self.func = DecoderCell(n_head, d_model, d_head, d_inner, dropout, dropatt, pre_lnorm, local_size, wnorm)
+        self.cell = CellRunner(self.func, compile)
         self.crit = ProjectedAdaptiveLogSoftmax(n_token, d_embed, d_model, cutoffs, div_val=div_val)
         tie_adaptive(self.word_emb, self.crit, tie_weights, list(tie_projs or [False]))
         f_window = 6 if f_solver == "anderson" else 0  # the original's Anderson window
@@ -199,7 +200,8 @@ class DEQTransformerLM(nn.Module):
                    b_solver=d.B_SOLVER, f_thres=d.F_THRES, b_thres=d.B_THRES, f_eps=d.F_EPS, b_eps=d.B_EPS,
                    stop_mode=d.STOP_MODE, grad=d.GRAD, phantom_steps=d.PHANTOM_STEPS, phantom_tau=d.PHANTOM_TAU,
                    spectral_radius_mode=d.SPECTRAL_RADIUS_MODE, init_std=t.INIT_STD, proj_init_std=t.PROJ_INIT_STD,
-                   f_solver_memory=d.F_SOLVER_MEMORY, b_solver_memory=d.B_SOLVER_MEMORY)
+                   f_solver_memory=d.F_SOLVER_MEMORY, b_solver_memory=d.B_SOLVER_MEMORY,
+                   compile=cfg.MODEL.COMPILE)
 
     def injection(self, data: Tensor) -> Tensor:
         """The input injection u of (qlen, bsz) tokens: (bsz, 3 d_model, qlen)."""
@@ -221,7 +223,7 @@ class DEQTransformerLM(nn.Module):
         pos_emb = self.pos_drop(self.pos_emb(pos).to(u.dtype))
 
         def f(z: Tensor) -> Tensor:
-            return self.func(z, us, z_mem, pos_emb)
+            return self.cell(z, us, z_mem, pos_emb)
 
         pretraining = 0 <= train_step < self.pretrain_steps
         depth = (self.n_layer if self.training or train_step > 0 else self.eval_n_layer) if pretraining else None

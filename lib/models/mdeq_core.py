@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from deqlab.deq import DEQ, pack, unpack
 from deqlab.errors import ConfigError
-from deqlab.layers import VariationalDropout2d, WeightNormConv2d, conv3x3, reset_per_forward
+from deqlab.layers import CellRunner, VariationalDropout2d, WeightNormConv2d, conv3x3, reset_per_forward
 from deqlab.losses import Trajectory
 from deqlab.regularizers import spectral_radius
 from deqlab.solvers import memory_options
@@ -238,6 +238,7 @@ class MDEQBackbone(nn.Module):
         self.fullstage = MDEQModule(self.num_channels, list(stage.NUM_BLOCKS), m.EXPANSION_FACTOR, m.NUM_GROUPS,
                                     m.DROPOUT, m.WNORM, m.BLOCK_GN_AFFINE, m.FUSE_GN_AFFINE, m.POST_GN_AFFINE)
         self.channels_last = m.CHANNELS_LAST
+        self.cell = CellRunner(self.fullstage, m.COMPILE)
         self.skip = m.SKIP
         self.skip_weight = cfg.LOSS.SKIP_WEIGHT
         self.skip_predictor = SkipPredictor(width, self.num_channels, m.SKIP_CHANNELS or width,
@@ -310,7 +311,7 @@ class MDEQBackbone(nn.Module):
         injection, z0 = self.cell_inputs(x)
 
         def f(z: list[Tensor]) -> list[Tensor]:
-            return self.fullstage(z, injection)
+            return self.cell(z, injection)
 
         if self.skip == "skip":  # the injection detached: the skip loss trains the predictor only
             z0 = [p.to(z.dtype) for p, z in zip(self.skip_predictor(injection[0].detach()), z0)]

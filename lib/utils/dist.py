@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from deqlab.utils.cpu_allocator import configure_cpu_allocator
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -38,8 +40,10 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes (if any) and return this process's rank and device."""
+def init_distributed(device: str = "auto", cpu_allocator: str = "retain") -> DistInfo:
+    """Join the process group torchrun describes (if any) and return this process's rank and device; apply
+    the ``CPU_ALLOCATOR`` setting (``deqlab.utils.cpu_allocator``) to the process."""
+    configure_cpu_allocator(cpu_allocator)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
