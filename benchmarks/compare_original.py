@@ -1,18 +1,27 @@
-"""MDEQ-TINY train and eval steps, deqlab against the original locuslab/mdeq, side by side in one run.
+"""MDEQ-TINY train and eval steps, deqlab against the original implementations, side by side in one run.
 
     git clone https://github.com/locuslab/mdeq /path/to/mdeq && pip install termcolor   # the original, as shipped
-    python benchmarks/compare_original.py --mdeq /path/to/mdeq [--f-thres 10 22 30] [--batch 32] [--steps 3]
-                                          [--variants ours ours_nhwc ours_nhwc_bf16 floor]
+    git clone https://github.com/locuslab/deq /path/to/deq                # optional: its MDEQ-Vision
+    git clone https://github.com/locuslab/torchdeq /path/to/torchdeq && pip install torchdeq==0.1.0   # optional
+    python benchmarks/compare_original.py --mdeq /path/to/mdeq [--deq /path/to/deq] [--zoo /path/to/torchdeq]
+                                          [--f-thres 10 22 30] [--batch 32] [--steps 3] [--variants ...]
                                           [--out benchmarks/results/compare_original.json]
 
-The original's code is imported from that checkout at run time (never copied here). Both build MDEQ-TINY from
-``experiments/cifar/cls_mdeq_TINY.yaml`` (theirs and ours: the same model), random init with seed 0, one batch
-of random 32×32 images; a train step is forward + cross-entropy + backward + Adam step with Broyden forward and
-Broyden (implicit) backward, both at ``F_THRES = B_THRES = t``; an eval step is the no-grad forward at ``t``.
-Ours runs with tolerance 0 so it never stops before the budget (the original's solvers may stop earlier on their
-own tolerance: a conservative comparison). Each (implementation, t) runs in a fresh process, one after the other;
-the median over ``--steps`` timed steps after one warm-up. The table gives each variant's time and its ratio to
-the original's (``VARIANTS`` below: ``floor`` is the cost of the cell's evaluations and VJPs alone).
+The originals' code is imported from those checkouts at run time (never copied here) and runs as shipped on the
+CPU (locuslab/deq's backward hook calls ``torch.cuda.synchronize()``, made a no-op for it). All build MDEQ-TINY
+(their ``cls_mdeq_TINY.yaml``/``small.yaml`` and ours: the same architecture), random init with seed 0, one
+batch of random 32×32 images. First table: a train step is forward + cross-entropy + backward + Adam with
+Broyden forward and Broyden implicit backward, both at ``F_THRES = B_THRES = t``; an eval step is the no-grad
+forward at ``t``; baselines locuslab/mdeq as shipped (``original``), the same with our allocator setting
+(``original_retain``) and, with ``--deq``, locuslab/deq's MDEQ-Vision (``locuslab_deq``, Jacobian loss off).
+Second table (``--zoo``): the phantom-gradient recipe, ours (``experiments/cifar/cls_mdeq_small_phantom.yaml``,
+one supervised state like the zoo's) against the torchdeq zoo's ``deq-zoo/mdeq/mdeq_cifar`` with its
+``run_small.sh`` flags (Broyden forward at ``t``, 5 phantom steps, τ 0.5, weight norm), with the same Adam step.
+Ours runs with tolerance 0 so it never stops before the budget (the others may stop earlier on their own
+tolerance: a conservative comparison). Each (implementation, t) runs in a fresh process, one after the other;
+the median over ``--steps`` timed steps after one warm-up (``warm-up s``: the first step's extra time, with
+``MODEL.COMPILE`` the compilation). ``VARIANTS`` below lists ours; ``floor`` is the cost of the cell's
+evaluations and VJPs alone.
 """
 from __future__ import annotations
 
@@ -47,6 +56,15 @@ VARIANTS = {
     "floor": ["DEQ.F_SOLVER", "fixed_point", "DEQ.B_SOLVER", "fixed_point"],
 }
 ORIGINALS = ("original", "original_retain")
+SHORT = {"original": "orig", "original_retain": "kept", "locuslab_deq": "deq", "torchdeq_zoo": "zoo"}  # columns
+# The phantom-gradient recipe (experiments/cifar/cls_mdeq_small_phantom.yaml, the zoo's run_small.sh values;
+# LOSS.FPC off, as the zoo's one supervised state) against the torchdeq zoo's deq-zoo/mdeq/mdeq_cifar (--zoo).
+PHANTOM_CONFIG = "experiments/cifar/cls_mdeq_small_phantom.yaml"
+PHANTOM_VARIANTS = {
+    "ours_phantom": [],
+    "ours_phantom_nhwc": ["MODEL.CHANNELS_LAST", "True"],
+    "ours_phantom_nhwc_compile": ["MODEL.CHANNELS_LAST", "True", "MODEL.COMPILE", "True"],
+}
 
 
 def build_ours(f_thres: int, variant: str = "ours"):
@@ -55,10 +73,13 @@ def build_ours(f_thres: int, variant: str = "ours"):
     from deqlab.models import build_model
     from deqlab.utils.cpu_allocator import configure_cpu_allocator
 
-    cfg = load_config(REPO / CONFIG, ["DEQ.F_SOLVER", "broyden", "DEQ.B_SOLVER", "broyden", "DEQ.GRAD", "ift",
-                                      "DEQ.F_THRES", str(f_thres), "DEQ.B_THRES", str(f_thres), "DEQ.F_EPS", "0.0",
-                                      "DEQ.B_EPS", "0.0", "TRAIN.PRETRAIN_STEPS", "0", "MODEL.DROPOUT", "0.0",
-                                      *VARIANTS[variant]])
+    if variant in PHANTOM_VARIANTS:
+        config, overrides = PHANTOM_CONFIG, ["LOSS.FPC", "False", *PHANTOM_VARIANTS[variant]]
+    else:
+        config, overrides = CONFIG, ["DEQ.F_SOLVER", "broyden", "DEQ.B_SOLVER", "broyden", "DEQ.GRAD", "ift",
+                                     "DEQ.B_THRES", str(f_thres), "DEQ.B_EPS", "0.0", *VARIANTS[variant]]
+    cfg = load_config(REPO / config, ["DEQ.F_THRES", str(f_thres), "DEQ.F_EPS", "0.0", "TRAIN.PRETRAIN_STEPS", "0",
+                                      "MODEL.DROPOUT", "0.0", *overrides])
     configure_cpu_allocator(cfg.CPU_ALLOCATOR)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -91,6 +112,57 @@ def build_original(root: str, f_thres: int, retain: bool = False):
     return model, forward
 
 
+def build_deq_vision(root: str, f_thres: int):
+    """locuslab/deq's MDEQ-Vision (the later MDEQ code: its own solvers and Jacobian regulariser, off here)."""
+    vision = Path(root) / "MDEQ-Vision"
+    sys.path[:0] = [str(vision / "lib")]
+    os.chdir(vision)  # it appends "lib/", "lib/models" and "../" (for the repository's lib/) to sys.path
+    # Its backward hook calls torch.cuda.synchronize() unconditionally; on a CPU-only machine that raises.
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    from config import config  # noqa: E402  (MDEQ-Vision's yacs defaults)
+    import models  # noqa: E402
+
+    config.defrost()
+    config.merge_from_file("experiments/cifar/cls_mdeq_TINY.yaml")
+    config.DEQ.F_THRES, config.DEQ.B_THRES, config.MODEL.DROPOUT = f_thres, f_thres, 0.0
+    config.freeze()
+    torch.manual_seed(0)
+    model = models.mdeq.get_cls_net(config)
+
+    def forward(x):
+        return model(x, train_step=10**9, compute_jac_loss=False, f_thres=f_thres, b_thres=f_thres)[0]
+    return model, forward
+
+
+def build_zoo(root: str, f_thres: int):
+    """The torchdeq zoo's MDEQ (deq-zoo/mdeq/mdeq_cifar, needs ``pip install torchdeq``) with run_small.sh's
+    flags: weight norm, Broyden forward at ``f_thres``, phantom gradient of 5 steps with tau 0.5."""
+    import argparse as _argparse
+
+    from torchdeq.utils import add_deq_args
+
+    zoo = Path(root) / "deq-zoo/mdeq/mdeq_cifar"
+    sys.path[:0] = [str(zoo / "mdeq")]
+    os.chdir(zoo)
+    from config import config  # noqa: E402  (the zoo's yacs defaults)
+    import models  # noqa: E402
+
+    parser = _argparse.ArgumentParser()
+    add_deq_args(parser)
+    args = parser.parse_args(["--norm_type", "weight_norm", "--f_solver", "broyden", "--f_max_iter", str(f_thres),
+                              "--grad", "5", "--tau", "0.5"])
+    config.defrost()
+    config.merge_from_file("configs/small.yaml")
+    config.freeze()
+    torch.manual_seed(0)
+    model = models.mdeq.get_cls_net(config, args)
+
+    def forward(x):
+        out = model(x, train_step=10**9)
+        return out[-1] if isinstance(out, list) else out  # training: one output per supervised state (one)
+    return model, forward
+
+
 def time_steps(model, forward, batch: int, steps: int) -> dict:
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -115,9 +187,46 @@ def time_steps(model, forward, batch: int, steps: int) -> dict:
             "warmup_s": first - statistics.median(train) + evals[0] - statistics.median(evals[1:])}
 
 
+def run_child(args: argparse.Namespace, which: str, f_thres: int) -> dict:
+    """Time ``which`` at ``f_thres`` in a fresh process."""
+    paths = [item for flag in ("mdeq", "deq", "zoo") if getattr(args, flag)
+             for item in (f"--{flag}", str(Path(getattr(args, flag)).resolve()))]
+    cmd = [sys.executable, str(Path(__file__).resolve()), *paths, "--child", which, str(f_thres),
+           "--batch", str(args.batch), "--steps", str(args.steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"error: the {which} step failed: {proc.stderr.strip().splitlines()[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare(args: argparse.Namespace, variants: list[str], baselines: list[str]) -> list[dict]:
+    """Per t, every variant one after the other; print and return rows with the ratio to each baseline."""
+    cols = "".join(f" {'/' + SHORT[b]:>7} {'/' + SHORT[b]:>7}" for b in baselines)
+    print(f"{'t':>3} {'variant':>26} {'train s':>8} {'eval s':>7} {'warm-up s':>9}{cols}   (train, eval per baseline)")
+    rows = []
+    for f_thres in args.f_thres:
+        result = {which: run_child(args, which, f_thres) for which in variants}
+        for which in variants:
+            r = result[which]
+            row = {"f_thres": f_thres, "batch": args.batch, "variant": which, **r}
+            ratios = ""
+            for b in baselines:
+                row[f"train_ratio_{b}"] = r["train_s"] / result[b]["train_s"]
+                row[f"eval_ratio_{b}"] = r["eval_s"] / result[b]["eval_s"]
+                ratios += f" {row[f'train_ratio_{b}']:>7.2f} {row[f'eval_ratio_{b}']:>7.2f}"
+            rows.append(row)
+            print(f"{f_thres:>3} {which:>26} {r['train_s']:>8.3f} {r['eval_s']:>7.3f} {r['warmup_s']:>9.1f}{ratios}",
+                  flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mdeq", required=True, help="a checkout of github.com/locuslab/mdeq")
+    parser.add_argument("--deq", default="", help="optional: a checkout of github.com/locuslab/deq, whose "
+                        "MDEQ-Vision is then timed too (variant locuslab_deq, a third baseline)")
+    parser.add_argument("--zoo", default="", help="optional: a checkout of github.com/locuslab/torchdeq: its "
+                        "deq-zoo MDEQ's phantom recipe is timed against ours in a second table")
     parser.add_argument("--f-thres", type=int, nargs="+", default=[10, 22, 30])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3)
@@ -128,40 +237,30 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         which, f_thres = args.child[0], int(args.child[1])
-        model, forward = (build_ours(f_thres, which) if which in VARIANTS else
-                          build_original(args.mdeq, f_thres, retain=which == "original_retain"))
+        if which == "locuslab_deq":
+            model, forward = build_deq_vision(args.deq, f_thres)
+        elif which == "torchdeq_zoo":
+            model, forward = build_zoo(args.zoo, f_thres)
+        elif which in VARIANTS or which in PHANTOM_VARIANTS:
+            model, forward = build_ours(f_thres, which)
+        else:
+            model, forward = build_original(args.mdeq, f_thres, retain=which == "original_retain")
         print(json.dumps(time_steps(model, forward, args.batch, args.steps)))
         return
-    if not (Path(args.mdeq) / "lib/models/mdeq.py").is_file():
-        sys.exit(f"error: --mdeq {args.mdeq} is not a locuslab/mdeq checkout (no lib/models/mdeq.py)")
-    variants = [*ORIGINALS, *args.variants]
-    rows = []
-    # /orig: ratio to the original as shipped; /kept: to the original run with our allocator setting
-    header = (f"{'t':>3} {'variant':>18} {'train s':>8} {'/orig':>6} {'/kept':>6} {'eval s':>7} {'/orig':>6} "
-              f"{'/kept':>6} {'warm-up s':>9}")
-    print(header)
-    for f_thres in args.f_thres:
-        result = {}
-        for which in variants:  # one after the other, each in a fresh process
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--mdeq", str(Path(args.mdeq).resolve()),
-                   "--child", which, str(f_thres), "--batch", str(args.batch), "--steps", str(args.steps)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                sys.exit(f"error: the {which} step failed: {proc.stderr.strip().splitlines()[-1]}")
-            result[which] = json.loads(proc.stdout.strip().splitlines()[-1])
-        orig, kept = result["original"], result["original_retain"]
-        for which in variants:
-            r = result[which]
-            row = {"f_thres": f_thres, "batch": args.batch, "variant": which, **r,
-                   "train_ratio": r["train_s"] / orig["train_s"], "eval_ratio": r["eval_s"] / orig["eval_s"],
-                   "train_ratio_retain": r["train_s"] / kept["train_s"],
-                   "eval_ratio_retain": r["eval_s"] / kept["eval_s"]}
-            rows.append(row)
-            print(f"{f_thres:>3} {which:>18} {r['train_s']:>8.3f} {row['train_ratio']:>6.2f} "
-                  f"{row['train_ratio_retain']:>6.2f} {r['eval_s']:>7.3f} {row['eval_ratio']:>6.2f} "
-                  f"{row['eval_ratio_retain']:>6.2f} {r['warmup_s']:>9.1f}", flush=True)
+    for flag, marker in (("mdeq", "lib/models/mdeq.py"), ("deq", "MDEQ-Vision/lib/models/mdeq.py"),
+                         ("zoo", "deq-zoo/mdeq/mdeq_cifar/mdeq/models/mdeq.py")):
+        if getattr(args, flag) and not (Path(getattr(args, flag)) / marker).is_file():
+            sys.exit(f"error: --{flag} {getattr(args, flag)} is not the expected checkout (no {marker})")
+    # Baselines: the original as shipped, the original with our allocator setting, locuslab/deq's MDEQ-Vision.
+    baselines = [*ORIGINALS, *(["locuslab_deq"] if args.deq else [])]
+    rows = compare(args, [*baselines, *args.variants], baselines)
+    phantom = []
+    if args.zoo:
+        print("\nphantom-gradient recipe against the torchdeq zoo's (deq-zoo/mdeq/mdeq_cifar, run_small.sh)")
+        phantom = compare(args, ["torchdeq_zoo", *PHANTOM_VARIANTS], ["torchdeq_zoo"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "torch": torch.__version__}, indent=2))
+    Path(args.out).write_text(json.dumps({"rows": rows, "phantom_rows": phantom, "torch": torch.__version__},
+                                         indent=2))
     print(f"wrote {args.out}")
 
 

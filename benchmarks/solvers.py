@@ -137,18 +137,18 @@ def traffic(solver: str, nfe: int, window: int = 5) -> tuple[int, int] | None:
     Counted from the no-grad code paths, a read or a write of one (B, N) vector being one pass:
     fixed_point, per step: the residual f(z) − z (3) and its two norms (2). anderson, step j with
     n = min(j + 1, m) rows: residual (3), norms (2), the copy of f(x) into the ring (2), the Gram row
-    (g in: 1, n rows) and the mixing (n rows, x out: 1). broyden: the first evaluation (residual 3, norms 2,
-    first step 2), then with n stored pairs: z + Δz (3), residual (3), norms (2), the four history products
-    (vectors in/out 4, two subtractions 6; history 4n; without pairs two negations, 4 in all), the update and
-    next step (13).
+    (g in: 1, n rows) and the mixing (n rows, x out: 1); the last step stops after the norms. broyden: the
+    first evaluation (residual 3, norms 2, first step 2), then with n stored pairs: z + Δz (3), residual (3),
+    norms (2), the four history products (vectors in/out 4, two subtractions 6; history 4n; without pairs two
+    negations, 4 in all), the update and next step (13); the last step stops after the norms (8 in all).
     """
     if solver == "fixed_point":
         return 5 * nfe, 0
     if solver == "anderson":
-        return 9 * nfe, sum(2 * min(j + 1, window) for j in range(nfe))
+        return 9 * (nfe - 1) + 5, sum(2 * min(j + 1, window) for j in range(nfe - 1))
     if solver == "broyden":
-        steps = range(nfe - 1)  # n = k stored pairs at loop step k (memory >= max_iter here)
-        return 7 + sum(21 + (10 if k else 4) for k in steps), sum(4 * k for k in steps)
+        steps = range(nfe - 2)  # full steps, with k stored pairs at step k (memory >= max_iter here)
+        return 7 + sum(21 + (10 if k else 4) for k in steps) + 8 * (nfe > 1), sum(4 * k for k in steps)
     return None
 
 

@@ -66,7 +66,8 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol:
         slot, n = k % m, min(k + 1, m)
         fx = f(x)
         g = torch.sub(fx, x, out=gs[slot])
-        if tracker.update(x, fx, g, hold=k > 0):  # x₀ is the caller's z0: copied, never held
+        # x₀ is the caller's z0: copied, never held; after the last evaluation no next iterate is mixed
+        if tracker.update(x, fx, g, hold=k > 0) or k == max_iter - 1:
             break
         fs[slot].copy_(fx)
         g_hist = gs[:n].transpose(0, 1)  # (B, n, N)
@@ -86,10 +87,10 @@ def _anderson_tracked(f: Callable[[Tensor], Tensor], x: Tensor, tracker: Tracker
     """The grad-enabled path: every update out of place (histories as lists), so autograd sees the whole solve."""
     xs: list[Tensor] = []
     gs: list[Tensor] = []
-    for _ in range(max_iter):
+    for k in range(max_iter):
         fx = f(x)
         g = fx - x
-        if tracker.update(x, fx, g):
+        if tracker.update(x, fx, g) or k == max_iter - 1:
             break
         xs, gs = (xs + [x])[-m:], (gs + [g])[-m:]  # new lists: nothing autograd saved is modified
         G = torch.stack(gs, dim=1)  # (B, n, N)

@@ -84,7 +84,7 @@ def broyden(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol: 
         z = torch.add(z, dz, out=z_bufs[k % 2])
         fz = f(z)
         torch.sub(fz, z, out=g)
-        if tracker.update(z, fz, g, hold=True):
+        if tracker.update(z, fz, g, hold=True) or k == max_iter - 2:  # no update for a step never taken
             break
         n, slot = min(k, mem), k % mem
         if n:
@@ -110,12 +110,12 @@ def _broyden_tracked(f: Callable[[Tensor], Tensor], z: Tensor, g: Tensor, tracke
                      memory: int, shape: torch.Size) -> tuple[Tensor, dict[str, Any]]:
     """The grad-enabled path: every update out of place (pairs as lists), so autograd sees the whole solve."""
     inv_jac = _InverseJacobian(min(memory, max_iter))
-    for _ in range(max_iter - 1):
+    for k in range(max_iter - 1):
         dz = -inv_jac.matvec(g)
         z = z + dz
         fz = f(z)
         g_new = fz - z
-        if tracker.update(z, fz, g_new):
+        if tracker.update(z, fz, g_new) or k == max_iter - 2:
             break
         inv_jac.update(dz, g_new - g)
         g = g_new
