@@ -9,13 +9,14 @@ from deqlab.utils.dist import init_distributed
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
-# Twenty MDEQ-sized activations (15.7 MB) allocated, written and freed in turn, as an eager cell does.
+# Twenty MDEQ-sized activations (15.7 MB) allocated, written and freed in turn, as an eager cell does, counted
+# after thirty such rounds: the heap's layout settles in the first few (glibc's memalign splits leave holes).
 FAULTS = """
 import resource, sys, torch
 from deqlab.utils.dist import init_distributed
 init_distributed("cpu", sys.argv[1])
 x = torch.randn(32, 120, 32, 32)
-for _ in range(3):
+for _ in range(30):
     y = torch.relu(x) * 2
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):
@@ -31,8 +32,10 @@ def minor_faults(mode: str) -> int:
 
 def test_retained_memory_is_reused_without_page_faults():
     pages = 32 * 120 * 32 * 32 * 4 // 4096  # one activation
-    assert minor_faults("system") > 10 * pages  # each new activation page-faulted in afresh
-    assert minor_faults("retain") < pages // 10
+    # glibc as it is gives activations back and faults them in afresh (13-20 of the 20 in measured runs; its
+    # dynamic thresholds make that vary, so the most of three runs)
+    assert max(minor_faults("system") for _ in range(3)) > 5 * pages
+    assert max(minor_faults("retain") for _ in range(2)) < pages // 10
 
 
 def test_the_setting_is_checked():
