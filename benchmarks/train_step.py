@@ -2,6 +2,10 @@
 
     python benchmarks/train_step.py [--steps 5] [--batch 32] [--f-thres 10 20 30] [--f-solver broyden]
                                     [--out benchmarks/results/train_step.json]
+    python benchmarks/train_step.py --compare-original /path/to/mdeq [compare_original.py's flags]
+
+``--compare-original`` hands over to ``compare_original.py`` (the step side by side with locuslab/mdeq, and
+optionally locuslab/deq and the torchdeq zoo, imported from the user's checkouts).
 
 Each (mode, F_THRES) runs in a fresh process so that memory peaks do not mix. The forward tolerance is set
 to 0 so every solve spends its whole budget: otherwise an early stop would hide how memory scales.
@@ -161,6 +165,11 @@ def run_grid(script: str, modes: list[str], f_thres: list[int], rate_key: str, r
 
 
 def main() -> None:
+    if "--compare-original" in sys.argv:  # the side-by-side comparison lives in compare_original.py
+        at = sys.argv.index("--compare-original")
+        rest = sys.argv[1:at] + sys.argv[at + 2:]
+        script = str(Path(__file__).with_name("compare_original.py"))
+        raise SystemExit(subprocess.call([sys.executable, script, "--mdeq", *sys.argv[at + 1:at + 2], *rest]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
@@ -169,6 +178,8 @@ def main() -> None:
     parser.add_argument("--f-solver", default="broyden", help="forward solver (MDEQ-TINY's is broyden)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/train_step.json"))
+    parser.add_argument("--compare-original", metavar="MDEQ_CHECKOUT",
+                        help="run compare_original.py --mdeq MDEQ_CHECKOUT with the other flags instead")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "F_THRES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
