@@ -5,10 +5,11 @@
     git clone https://github.com/locuslab/torchdeq /path/to/torchdeq && pip install torchdeq==0.1.0   # optional
     python benchmarks/compare_original.py --mdeq /path/to/mdeq [--deq /path/to/deq] [--zoo /path/to/torchdeq]
                                           [--f-thres 10 22 30] [--batch 32] [--steps 3] [--variants ...]
+                                          [--device cpu|cuda]
                                           [--out benchmarks/results/compare_original.json]
 
-The originals' code is imported from those checkouts at run time (never copied here) and runs as shipped on the
-CPU (locuslab/deq's backward hook calls ``torch.cuda.synchronize()``, made a no-op for it). All build MDEQ-TINY
+The originals' code is imported from those checkouts at run time (never copied here) and runs as shipped, on
+``--device`` (locuslab/deq's backward hook calls ``torch.cuda.synchronize()``, made a no-op without CUDA). All build MDEQ-TINY
 (their ``cls_mdeq_TINY.yaml``/``small.yaml`` and ours: the same architecture), random init with seed 0, one
 batch of random 32×32 images. First table: a train step is forward + cross-entropy + backward + Adam with
 Broyden forward and Broyden implicit backward, both at ``F_THRES = B_THRES = t``; an eval step is the no-grad
@@ -67,6 +68,9 @@ PHANTOM_VARIANTS = {
 }
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # --device sets it in each child
+
+
 def build_ours(f_thres: int, variant: str = "ours"):
     from deqlab.config import load_config
     from deqlab.engine.evaluator import autocast_context
@@ -85,7 +89,7 @@ def build_ours(f_thres: int, variant: str = "ours"):
     model = build_model(cfg)
 
     def forward(x):
-        with autocast_context(cfg, torch.device("cpu")):
+        with autocast_context(cfg, DEVICE):
             return model(x, train_step=10**9, f_thres=f_thres)[0].float()
     return model, forward
 
@@ -117,8 +121,8 @@ def build_deq_vision(root: str, f_thres: int):
     vision = Path(root) / "MDEQ-Vision"
     sys.path[:0] = [str(vision / "lib")]
     os.chdir(vision)  # it appends "lib/", "lib/models" and "../" (for the repository's lib/) to sys.path
-    # Its backward hook calls torch.cuda.synchronize() unconditionally; on a CPU-only machine that raises.
-    torch.cuda.synchronize = lambda *args, **kwargs: None
+    if not torch.cuda.is_available():  # its backward hook calls torch.cuda.synchronize() unconditionally
+        torch.cuda.synchronize = lambda *args, **kwargs: None
     from config import config  # noqa: E402  (MDEQ-Vision's yacs defaults)
     import models  # noqa: E402
 
@@ -164,27 +168,33 @@ def build_zoo(root: str, f_thres: int):
 
 
 def time_steps(model, forward, batch: int, steps: int) -> dict:
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    model.to(DEVICE)
+    x = torch.randn(batch, 3, 32, 32, device=DEVICE)
+    y = torch.randint(0, 10, (batch,), device=DEVICE)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    train = []
-    for i in range(steps + 1):
+
+    def timed(step) -> float:
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
+        step()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def train_step():
         loss = F.cross_entropy(forward(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        train.append(time.perf_counter() - start)
-    first, train = train[0], train[1:]  # the warm-up step: with MODEL.COMPILE it includes the compilation
+
+    model.train()
+    first, *train = [timed(train_step) for _ in range(steps + 1)]  # the first: with MODEL.COMPILE, compiling
     model.eval()
-    evals = []
     with torch.no_grad():
-        for i in range(steps + 1):
-            start = time.perf_counter()
-            forward(x)
-            evals.append(time.perf_counter() - start)
-    return {"train_s": statistics.median(train), "eval_s": statistics.median(evals[1:]),
-            "warmup_s": first - statistics.median(train) + evals[0] - statistics.median(evals[1:])}
+        first_eval, *evals = [timed(lambda: forward(x)) for _ in range(steps + 1)]
+    return {"train_s": statistics.median(train), "eval_s": statistics.median(evals),
+            "warmup_s": first - statistics.median(train) + first_eval - statistics.median(evals)}
 
 
 def run_child(args: argparse.Namespace, which: str, f_thres: int) -> dict:
@@ -192,7 +202,7 @@ def run_child(args: argparse.Namespace, which: str, f_thres: int) -> dict:
     paths = [item for flag in ("mdeq", "deq", "zoo") if getattr(args, flag)
              for item in (f"--{flag}", str(Path(getattr(args, flag)).resolve()))]
     cmd = [sys.executable, str(Path(__file__).resolve()), *paths, "--child", which, str(f_thres),
-           "--batch", str(args.batch), "--steps", str(args.steps)]
+           "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"error: the {which} step failed: {proc.stderr.strip().splitlines()[-1]}")
@@ -221,6 +231,7 @@ def compare(args: argparse.Namespace, variants: list[str], baselines: list[str])
 
 
 def main() -> None:
+    global DEVICE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mdeq", required=True, help="a checkout of github.com/locuslab/mdeq")
     parser.add_argument("--deq", default="", help="optional: a checkout of github.com/locuslab/deq, whose "
@@ -232,10 +243,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS),
                         help="our variants to time beside the original (default: all)")
+    parser.add_argument("--device", default=str(DEVICE), choices=("cpu", "cuda"),
+                        help="where every implementation runs (default: cuda when available)")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/compare_original.json"))
     parser.add_argument("--child", nargs=2, metavar=("WHICH", "F_THRES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        DEVICE = torch.device(args.device)
         which, f_thres = args.child[0], int(args.child[1])
         if which == "locuslab_deq":
             model, forward = build_deq_vision(args.deq, f_thres)
@@ -259,8 +273,8 @@ def main() -> None:
         print("\nphantom-gradient recipe against the torchdeq zoo's (deq-zoo/mdeq/mdeq_cifar, run_small.sh)")
         phantom = compare(args, ["torchdeq_zoo", *PHANTOM_VARIANTS], ["torchdeq_zoo"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "phantom_rows": phantom, "torch": torch.__version__},
-                                         indent=2))
+    Path(args.out).write_text(json.dumps({"rows": rows, "phantom_rows": phantom, "device": args.device,
+                                          "torch": torch.__version__}, indent=2))
     print(f"wrote {args.out}")
 
 
