@@ -10,20 +10,24 @@ if [ "${1:-}" = seg ] || [ "${1:-}" = cls ] || [ "${1:-}" = lm ]; then TASK=$1; 
 if [ "$TASK" = lm ]; then
   python -m pip install -q -e '.[lm]'
   CFG=${CFG:-experiments/austen/deq_transformer_quickstart.yaml}
+  # the corpus folder the config names (data/austen by default)
+  DATA=$(python -c "import sys; from deqlab.config import load_config; from deqlab.data import dataset_dir; \
+print(dataset_dir(load_config(sys.argv[1], sys.argv[2:])))" "$CFG" "$@")
   # Jane Austen's novels from Debian's r-cran-janeaustenr, in the WikiText layout (built once)
-  [ -f data/austen/train.txt ] || python tools/make_austen_corpus.py --out data/austen
+  [ -f "$DATA/train.txt" ] || python tools/make_austen_corpus.py --out "$DATA"
   python tools/lm_train.py --cfg "$CFG" "$@"
   FINAL=$(python -c "import sys; from deqlab.config import load_config; from deqlab.engine import run_files; \
 print(run_files(load_config(sys.argv[1], sys.argv[2:]), sys.argv[1]).best)" "$CFG" "$@")
-  rm -f output/lm_quickstart_sweep.csv
+  SWEEP="$(dirname "$FINAL")/quickstart_sweep.csv"  # beside the run's checkpoints
+  rm -f "$SWEEP"
   # test-time forward budget: perplexity and residual, the model loaded once
-  python tools/sweep.py --task lm --cfg "$CFG" --checkpoint "$FINAL" --results_name output/lm_quickstart_sweep.csv \
+  python tools/sweep.py --task lm --cfg "$CFG" --checkpoint "$FINAL" --results_name "$SWEEP" \
     --f_thres 2 4 8 16 32 "$@" DATASET.TEST_SET test DEQ.F_EPS 1e-6 | tail -5
-  python -c "import csv; from deqlab.data.lm import load_corpus, unigram_perplexity; c = load_corpus('data/austen'); \
+  python -c "import csv, sys; from deqlab.data.lm import load_corpus, unigram_perplexity; c = load_corpus(sys.argv[1]); \
 print(f'unigram perplexity of the test split: {unigram_perplexity(c.train, c.test, len(c.vocab)):.1f}'); \
 [print(f\"F_THRES {r['f_thres']:>2}: test ppl {float(r['ppl']):7.2f}  residual {float(r['fwd_residual']):.2e}\") \
-for r in csv.DictReader(open('output/lm_quickstart_sweep.csv'))]"
-  python tools/plot_sweep.py output/lm_quickstart_sweep.csv || true  # needs matplotlib ('.[plot]')
+for r in csv.DictReader(open(sys.argv[2]))]" "$DATA" "$SWEEP"
+  python tools/plot_sweep.py "$SWEEP" || true  # needs matplotlib ('.[plot]')
   exit 0
 fi
 if [ "$TASK" = seg ]; then
