@@ -5,10 +5,12 @@
 #   bash scripts/quickstart.sh lm [KEY VALUE ...]    DEQ-Transformer language model on Jane Austen's novels
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# DEQLAB_NO_INSTALL=1 skips the pip install (the tests run this script in an environment already installed)
+pip_install_repo() { [ -n "${DEQLAB_NO_INSTALL:-}" ] || python -m pip install -q -e "$1"; }
 TASK=cls
 if [ "${1:-}" = seg ] || [ "${1:-}" = cls ] || [ "${1:-}" = lm ]; then TASK=$1; shift; fi
 if [ "$TASK" = lm ]; then
-  python -m pip install -q -e '.[lm]'
+  pip_install_repo '.[lm]'
   CFG=${CFG:-experiments/austen/deq_transformer_quickstart.yaml}
   # the corpus folder the config names (data/austen by default)
   DATA=$(python -c "import sys; from deqlab.config import load_config; from deqlab.data import dataset_dir; \
@@ -16,8 +18,7 @@ print(dataset_dir(load_config(sys.argv[1], sys.argv[2:])))" "$CFG" "$@")
   # Jane Austen's novels from Debian's r-cran-janeaustenr, in the WikiText layout (built once)
   [ -f "$DATA/train.txt" ] || python tools/make_austen_corpus.py --out "$DATA"
   python tools/lm_train.py --cfg "$CFG" "$@"
-  FINAL=$(python -c "import sys; from deqlab.config import load_config; from deqlab.engine import run_files; \
-print(run_files(load_config(sys.argv[1], sys.argv[2:]), sys.argv[1]).best)" "$CFG" "$@")
+  FINAL=$(python tools/run_files.py --cfg "$CFG" best "$@")
   SWEEP="$(dirname "$FINAL")/quickstart_sweep.csv"  # beside the run's checkpoints
   rm -f "$SWEEP"
   # test-time forward budget: perplexity and residual, the model loaded once
@@ -35,7 +36,7 @@ if [ "$TASK" = seg ]; then
 else
   CFG=${CFG:-experiments/fashion_mnist/cls_mdeq_quickstart.yaml}; TRAIN=tools/cls_train.py; TEST=tools/cls_valid.py
 fi
-python -m pip install -q -e .
+pip_install_repo .
 # Fashion-MNIST ships as a Debian package; elsewhere torchvision downloads it on first use.
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null || true
@@ -43,6 +44,5 @@ fi
 # Where the Debian package is missing, torchvision may download Fashion-MNIST (set to 0 to forbid).
 export DEQLAB_ALLOW_DOWNLOAD=${DEQLAB_ALLOW_DOWNLOAD:-1}
 python "$TRAIN" --cfg "$CFG" "$@"
-FINAL=$(python -c "import sys; from deqlab.config import load_config; from deqlab.engine import run_files; \
-print(run_files(load_config(sys.argv[1], sys.argv[2:]), sys.argv[1]).final)" "$CFG" "$@")
+FINAL=$(python tools/run_files.py --cfg "$CFG" final "$@")
 python "$TEST" --cfg "$CFG" "$@" TEST.MODEL_FILE "$FINAL"

@@ -42,8 +42,7 @@ rm -f "$RESULTS"
 START=$(date +%s)
 
 final_checkpoint() {  # the final weights a run of "$CFG" with these overrides and --seed writes
-  python -c "import sys; from deqlab.config import load_config; from deqlab.engine import run_files; \
-print(run_files(load_config(sys.argv[1], sys.argv[2:]), sys.argv[1], keyed_by_seed=True).final)" "$CFG" "$@"
+  python tools/run_files.py --cfg "$CFG" --keyed-by-seed final "$@"
 }
 
 for ((seed = 0; seed < SEEDS; seed++)); do

@@ -15,7 +15,9 @@ SCRIPT = REPO / "scripts/quickstart.sh"
 
 
 def quickstart(tmp_path, *args: str) -> str:
-    env = {**os.environ, "DEQLAB_ALLOW_DOWNLOAD": "0"}
+    # installed already (scripts/test.sh): a pip install in the middle of the suite would swap the package under
+    # the tests still running
+    env = {**os.environ, "DEQLAB_ALLOW_DOWNLOAD": "0", "DEQLAB_NO_INSTALL": "1"}
     out = subprocess.run(["bash", str(SCRIPT), *args, "OUTPUT_DIR", str(tmp_path / "out"),
                           "LOG_DIR", str(tmp_path / "log")], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
