@@ -74,7 +74,7 @@ def broyden(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol: 
     #   and the next step −H⁺ g⁺ = −w − u (vᵀ g⁺) = w (vᵀg⁺ / d − 1), d = Δzᵀ(w + Δz): no further H·x.
     # Pairs live in slot-major rings (memory, B, N) so (B, k, N) views feed bmm without copies.
     b, n_state = z.shape
-    mem = min(memory, max_iter - 1)
+    mem = min(memory, max(max_iter - 2, 1))  # pairs are stored after steps 0 .. max_iter - 3 (the last stores none)
     us, vs = z.new_empty(mem, b, n_state), z.new_empty(mem, b, n_state)
     z_bufs = (torch.empty_like(z), torch.empty_like(z))  # ping-pong: zₖ stays intact while zₖ₊₁ is written
     w, vt, tmp = (torch.empty_like(z) for _ in range(3))

@@ -11,7 +11,7 @@ at F_THRES 22 2.1 s against 2.3 s (``benchmarks/compare_original.py``).
 ``retain`` raises the mmap threshold to glibc's maximum (32 MiB on 64-bit) and turns trimming off, so freed
 blocks up to that size stay in the heap and are reused without faults (the same role a caching allocator plays on
 CUDA). The price: the process keeps its peak heap, as CUDA's allocator keeps its cache. Other C libraries
-(macOS, musl) have no ``mallopt``: there it does nothing and says so.
+(macOS, musl) have no ``mallopt``: there it does nothing and returns False.
 """
 from __future__ import annotations
 
