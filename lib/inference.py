@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from deqlab.data.vision import IMAGENET_MEAN, IMAGENET_STD
 from deqlab.losses import upsample_to
-from deqlab.solvers.common import solver_summary
+from deqlab.solvers.common import SolveSummary, mean_summary, solver_summary
 
 # The multi-scale list of HRNet-Semantic-Segmentation's Cityscapes evaluation (TEST.SCALE_LIST).
 ORIGINAL_TEST_SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -76,9 +76,9 @@ def sliding_window(predict: Callable[[Tensor], Tensor], image: Tensor, crop_h: i
 def segment(model: nn.Module, image: Tensor, *, num_classes: int, crop_size: Sequence[int] | None,
             base_size: int | None, scales: Sequence[float] = (1.0,), flip: bool = False,
             f_thres: int | None = None, pad_value: Sequence[float] = IMAGENET_BLACK
-            ) -> tuple[Tensor, tuple[float, float]]:
+            ) -> tuple[Tensor, SolveSummary]:
     """Logits (B, num_classes, H, W) of ``image`` (B, 3, H, W, normalised) at its own resolution, and the
-    (mean forward solver steps, mean final relative residual) over the model calls.
+    mean forward solve summary (steps, f evaluations, final relative residual) over the model calls.
 
     For each scale the image is resized so that its long side is ``round(base_size * scale)`` (``base_size``
     None: the image's own long side), predicted with sliding windows of ``crop_size`` = (width, height)
@@ -89,7 +89,7 @@ def segment(model: nn.Module, image: Tensor, *, num_classes: int, crop_size: Seq
         raise ValueError("scales is empty")
     height, width = image.shape[-2:]
     pad = torch.as_tensor(pad_value, dtype=image.dtype, device=image.device)
-    summaries: list[tuple[float, float]] = []
+    summaries: list[SolveSummary] = []
     shift: Tensor | None = None  # per-sample constant keeping exp() in range; cancels in the log at the end
 
     def logits_of(x: Tensor) -> Tensor:
@@ -117,5 +117,4 @@ def segment(model: nn.Module, image: Tensor, *, num_classes: int, crop_size: Seq
         probs = upsample_to(probs, (height, width), align_corners=False)
         fused = probs if fused is None else fused + probs
     logits = (fused / len(scales)).log() + shift
-    steps, residuals = zip(*summaries)
-    return logits.float(), (sum(steps) / len(steps), sum(residuals) / len(residuals))
+    return logits.float(), mean_summary(summaries)

@@ -3,10 +3,11 @@
 
 Loads the model once and evaluates it with the task's full test procedure (the test tools' ``full_test``:
 sliding windows for segmentation, carried memory for a language model) at every forward budget
-(``DEQ.F_THRES``, the solver stopping earlier at ``DEQ.F_EPS``); appends one CSV row per budget with the
-columns the test tools write (config, checkpoint, split, seed, f_solver, f_thres, f_eps, perf, the task's
-metrics, loss, fwd_steps = mean forward f evaluations per batch, fwd_residual = mean final relative residual,
-count). ``tools/plot_sweep.py`` draws the file. Works for any task in ``deqlab.tasks.TASKS``; under torchrun
+(``DEQ.F_THRES`` in the solver's own unit: Broyden steps after f(z0), Anderson or fixed-point f evaluations;
+the solver stopping earlier at ``DEQ.F_EPS``); appends one CSV row per budget with the columns the test tools
+write (config, checkpoint, split, seed, f_solver, f_thres, f_eps, perf, the task's metrics, loss, fwd_steps =
+mean forward solver steps per sample, fwd_nfe = mean forward f evaluations per sample, fwd_residual = mean final
+relative residual, count). ``tools/plot_sweep.py`` draws the file. Works for any task in ``deqlab.tasks.TASKS``; under torchrun
 every rank evaluates its shard and rank 0 writes the rows. ``--seed N`` as for the test tools (the run that
 made a ``final_state_seedN.pth.tar`` is told by its file name anyway).
 """
@@ -82,8 +83,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             row = results_row(args.cfg, task, split, budget, perf, metrics)
             rows.append(row)
             if dist_info.is_main:
-                log.info("F_THRES %d on %s: %s  solver steps %.2f  residual %.2e", budget, split,
-                         task.describe(metrics), metrics["fwd_steps"], metrics["fwd_residual"])
+                log.info("F_THRES %d on %s: %s  solver steps %.2f  f evals %.2f  residual %.2e", budget, split,
+                         task.describe(metrics), metrics["fwd_steps"], metrics["fwd_nfe"], metrics["fwd_residual"])
                 if args.results_name:
                     append_results_row(args.results_name, row)
     finally:
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         label = "loss" if args.use_loss_as_perf else task.perf_label
         for row in rows:
             print(f"F_THRES {row['f_thres']:>3}: {split} {label} {row['perf']:.4f}  "
-                  f"f evals {row['fwd_steps']:.2f}  residual {row['fwd_residual']:.2e}")
+                  f"steps {row['fwd_steps']:.2f}  f evals {row['fwd_nfe']:.2f}  residual {row['fwd_residual']:.2e}")
     return rows
 
 

@@ -1,5 +1,5 @@
-"""Evaluation for any task: the task's metrics, its loss and the forward solver's steps and residuals,
-summed over ranks."""
+"""Evaluation for any task: the task's metrics, its loss and the forward solver's steps, f evaluations and
+residuals, summed over ranks."""
 from __future__ import annotations
 
 import contextlib
@@ -36,24 +36,25 @@ def autocast_context(cfg: Any, device: torch.device) -> contextlib.AbstractConte
 def evaluate(task: Any, model: nn.Module, loader: DataLoader, device: torch.device, f_thres: int | None = None,
              desc: str = "valid", on_batch: Callable[[int, Tensor], None] | None = None) -> dict[str, Any]:
     """``task``'s metrics of ``model`` in eval mode (the DEQ solved to equilibrium) over every rank's shard,
-    plus ``loss``, ``fwd_steps``, ``fwd_residual`` (means per sample) and ``count``. ``on_batch(i, output)``
-    sees every batch's output (e.g. to save predictions)."""
+    plus ``loss``, ``fwd_steps`` (solver steps), ``fwd_nfe`` (f evaluations), ``fwd_residual`` (means per sample)
+    and ``count``. ``on_batch(i, output)`` sees every batch's output (e.g. to save predictions)."""
     model.eval()
     task.start_pass(train=False)
     meter = task.new_meter(device)
-    sums = torch.zeros(4, dtype=torch.float64)  # loss·n, n, steps·n, residual·n
+    sums = torch.zeros(5, dtype=torch.float64)  # loss·n, n, steps·n, nfe·n, residual·n
     for i, (x, y) in enumerate(tqdm(loader, desc=desc, leave=False, disable=not is_main_process(),
                                     dynamic_ncols=True)):
         x, y = to_device(x, device), y.to(device, non_blocking=True)
         with autocast_context(task.cfg, device):
-            output, (steps, residual) = task.predict(model, x, f_thres)
+            output, solve = task.predict(model, x, f_thres)
         output = output.float()
         n = len(y)
-        sums += torch.tensor([task.loss(output, y).item() * n, n, steps * n, residual * n], dtype=torch.float64)
+        sums += torch.tensor([task.loss(output, y).item() * n, n, solve.steps * n, solve.nfe * n, solve.residual * n],
+                             dtype=torch.float64)
         meter.update(output, y)
         if on_batch is not None:
             on_batch(i, output)
-    loss, count, steps, residual = all_reduce_sum(sums.to(device)).cpu().tolist()
+    loss, count, steps, nfe, residual = all_reduce_sum(sums.to(device)).cpu().tolist()
     count = max(count, 1.0)
-    return {**meter.result(), "loss": loss / count, "fwd_steps": steps / count, "fwd_residual": residual / count,
-            "count": int(count)}
+    return {**meter.result(), "loss": loss / count, "fwd_steps": steps / count, "fwd_nfe": nfe / count,
+            "fwd_residual": residual / count, "count": int(count)}

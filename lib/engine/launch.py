@@ -84,9 +84,9 @@ def test_main(task: str, description: str, argv: list[str] | None = None,
     if not dist_info.is_main:
         return metrics
     perf = metrics["loss"] if args.use_loss_as_perf else metrics[the_task.best_metric]
-    log.info("%s on %s (%d samples), F_THRES %d: %s  solver steps %.1f  residual %.2e", cfg.TEST.MODEL_FILE,
-             split, metrics["count"], eval_f_thres(cfg), the_task.describe(metrics), metrics["fwd_steps"],
-             metrics["fwd_residual"])
+    log.info("%s on %s (%d samples), F_THRES %d: %s  solver steps %.1f  f evals %.1f  residual %.2e",
+             cfg.TEST.MODEL_FILE, split, metrics["count"], eval_f_thres(cfg), the_task.describe(metrics),
+             metrics["fwd_steps"], metrics["fwd_nfe"], metrics["fwd_residual"])
     for name, values in metrics.items():  # per-class numbers (e.g. IoU), one line each
         if isinstance(values, list):
             log.info("%s: %s", name, " ".join(f"{i}:{v:.2f}" for i, v in enumerate(values)))

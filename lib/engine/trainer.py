@@ -53,7 +53,8 @@ def jac_loss_weight(cfg: Any, step: int, epoch: int) -> float:
 
 
 # The engine's own per-step numbers; a task adds its own (accuracy, pixel accuracy) next to them.
-TRAIN_STATS = ("loss", "jac_loss", "aux_loss", "fwd_steps", "fwd_residual", "bwd_steps", "bwd_residual", "lr")
+TRAIN_STATS = ("loss", "jac_loss", "aux_loss", "fwd_steps", "fwd_nfe", "fwd_residual", "bwd_steps", "bwd_nfe",
+               "bwd_vjps", "bwd_residual", "lr")
 
 
 class Trainer:
@@ -178,13 +179,14 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        fwd_steps, fwd_res = solver_summary(info["fwd"])
-        bwd_steps, bwd_res = solver_summary(info["bwd"])
+        fwd, bwd = solver_summary(info["fwd"]), solver_summary(info["bwd"])
         return {"loss": loss.item(), **self.task.train_stats(output.detach(), y),
                 "jac_loss": info["jac_loss"].item() if info["jac_loss"] is not None else 0.0,
                 "aux_loss": aux.item() if aux is not None else 0.0,
-                "fwd_steps": fwd_steps, "fwd_residual": fwd_res, "bwd_steps": bwd_steps,
-                "bwd_residual": bwd_res, "lr": self.optimizer.param_groups[0]["lr"]}
+                "fwd_steps": fwd.steps, "fwd_nfe": fwd.nfe, "fwd_residual": fwd.residual,
+                # the backward solve's f evaluations, and the VJPs they cost (its first, at g = 0, costs none)
+                "bwd_steps": bwd.steps, "bwd_nfe": bwd.nfe, "bwd_vjps": float(info["bwd"].get("vjp_evals", 0)),
+                "bwd_residual": bwd.residual, "lr": self.optimizer.param_groups[0]["lr"]}
 
     def train_epoch(self) -> dict[str, float]:
         """Train until the end of the epoch (or ``TRAIN.MAX_STEP``), validating every ``TRAIN.EVAL_INTERVAL``
@@ -208,7 +210,7 @@ class Trainer:
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
             task_stats = {k: f"{totals[k] / count:.1f}" for k in stats if k not in TRAIN_STATS}
-            bar.set_postfix(loss=f"{totals['loss'] / count:.3f}", **task_stats, nfe=f"{stats['fwd_steps']:.0f}",
+            bar.set_postfix(loss=f"{totals['loss'] / count:.3f}", **task_stats, nfe=f"{stats['fwd_nfe']:.0f}",
                             lr=f"{stats['lr']:.2e}")
             if self.writer is not None and self.step % self.cfg.PRINT_FREQ == 0:
                 for k, v in stats.items():
@@ -247,9 +249,9 @@ class Trainer:
         metrics = evaluate(self.task, self.net, self.test_loader, self.device, f_thres=eval_f_thres(self.cfg))
         observe_validation(self.scheduler, metrics["loss"])
         train_text = " ".join(f"{k} {v:.4g}" for k, v in train.items() if k not in TRAIN_STATS or k == "loss")
-        log.info("epoch %d/%d step %d  train %s  |  test %s  |  solver steps %.1f residual %.2e  |  %.0fs",
+        log.info("epoch %d/%d step %d  train %s  |  test %s  |  solver steps %.1f f evals %.1f residual %.2e  |  %.0fs",
                  self.epoch + (self.batch_in_epoch > 0), self.cfg.TRAIN.END_EPOCH, self.step, train_text,
-                 self.task.describe(metrics), metrics["fwd_steps"], metrics["fwd_residual"],
+                 self.task.describe(metrics), metrics["fwd_steps"], metrics["fwd_nfe"], metrics["fwd_residual"],
                  time.time() - self.last_validation)
         if self.dist.is_main:
             for k, v in metrics.items():
@@ -306,6 +308,7 @@ class Trainer:
             self.cfg.freeze()
         loader = self.task.build_loader("test", distributed=self.dist.distributed)
         metrics = evaluate(self.task, self.net, loader, self.device, f_thres=eval_f_thres(self.cfg), desc=split)
-        log.info("%s split, best weights (%s): %s  |  solver steps %.1f residual %.2e", split, self.files.best,
-                 self.task.describe(metrics), metrics["fwd_steps"], metrics["fwd_residual"])
+        log.info("%s split, best weights (%s): %s  |  solver steps %.1f f evals %.1f residual %.2e", split,
+                 self.files.best, self.task.describe(metrics), metrics["fwd_steps"], metrics["fwd_nfe"],
+                 metrics["fwd_residual"])
         return metrics

@@ -19,7 +19,7 @@ and returns the skip loss mean((z0 − z*)²) (see ``deqlab.deq``); the backbone
 ``info["skip_loss"]`` and ``LOSS.SKIP_WEIGHT`` times it in ``info["aux_loss"]``, which the trainer adds. The
 predictor reads the injection detached, so with ``skip`` the skip loss trains the predictor only and the task
 loss everything else. The prediction is also the initial state at test time. With ``skipreg``, the f
-evaluation that makes z0 is counted in ``info["fwd"]["nstep"]`` (``info["fwd"]["init_nfe"]`` is 1).
+evaluation that makes z0 is counted in ``info["fwd"]["nfe"]`` (``info["fwd"]["init_nfe"]`` is 1), not as a step.
 
 Fixed-point correction (``LOSS.FPC`` with ``DEQ.GRAD phantom``): in training the DEQ layer returns the phantom
 iterates (``info["trajectory"]``) and the classifier and segmenter return one output per iterate, a
@@ -323,7 +323,7 @@ class MDEQBackbone(nn.Module):
                            compute_jac_loss=compute_jac_loss and self.training, z0_predicted=self.skip != "none",
                            trajectory_every=self.fpc_gap if self.training else 0)
         if self.skip == "skipreg" and info["fwd"] is not None:  # count the f evaluation that made z0
-            info["fwd"] = {**info["fwd"], "nstep": info["fwd"]["nstep"] + 1, "init_nfe": 1}
+            info["fwd"] = {**info["fwd"], "nfe": info["fwd"]["nfe"] + 1, "init_nfe": 1}
         info["aux_loss"] = None if info["skip_loss"] is None else self.skip_weight * info["skip_loss"]
         info["unrolled"] = unrolled
         info["sradius"] = None

@@ -10,6 +10,12 @@ matrix the weights solve the bordered system
 A fixed λ' stops helping (or starts hurting) once residuals are tiny, because G Gᵀ shrinks quadratically
 with them; here λ' = λ · tr(G Gᵀ)/m, scaled to the Gram matrix, so the conditioning is the same at every
 scale and the method keeps converging to small tolerances. The systems are (m+1)×(m+1) per sample.
+
+Budget: ``max_iter`` f evaluations, as the ``threshold`` of locuslab/deq's ``anderson`` (which evaluates x0 and
+x1 = f(x0), then one mixed iterate per k = 2 .. threshold − 1) and torchdeq's ``max_iter``. The iterates
+evaluated are x0 .. x_{max_iter−1}: ``stats["nfe"]`` counts the evaluations, ``stats["nstep"]`` the steps
+(``nfe − 1``). The returned iterate is the evaluated one with the lowest residual (locuslab/deq's choice; it
+does not compare x0 and x1, so it needs a budget of at least 3, where this returns x0 for a budget of 1).
 """
 from __future__ import annotations
 
@@ -39,7 +45,8 @@ def _mixing_weights(gram: Tensor, lam: float) -> Tensor:
 
 def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol: float = 1e-3,
              stop_mode: str = "rel", m: int = 5, beta: float = 1.0, lam: float = 1e-4) -> tuple[Tensor, dict[str, Any]]:
-    """Solve z = f(z) by Anderson acceleration with window ``m`` and damping ``beta``. Returns ``(z, stats)``.
+    """Solve z = f(z) by Anderson acceleration with window ``m`` and damping ``beta``, at most ``max_iter`` f
+    evaluations. Returns ``(z, stats)``.
 
     Defaults: m = 5 (more history costs 2 passes over the state per extra row and rarely saves steps on
     contractive DEQ cells), β = 1 (undamped), λ = 1e-4 (relative to the Gram matrix's mean diagonal).
@@ -79,7 +86,7 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol:
         torch.bmm(alpha, fs[:n].transpose(0, 1), out=x.unsqueeze(1))
         if beta != 1.0:
             x.unsqueeze(1).baddbmm_(alpha, g_hist, alpha=beta - 1.0)
-    return tracker.result(z0.shape)
+    return tracker.result(z0.shape, tracker.nfe - 1)
 
 
 def _anderson_tracked(f: Callable[[Tensor], Tensor], x: Tensor, tracker: Tracker, max_iter: int, m: int,
@@ -97,4 +104,4 @@ def _anderson_tracked(f: Callable[[Tensor], Tensor], x: Tensor, tracker: Tracker
         gram = torch.bmm(G, G.transpose(1, 2)).double()
         alpha = _mixing_weights(gram, lam).to(x.dtype).unsqueeze(1)  # (B, 1, n)
         x = torch.bmm(alpha, torch.stack(xs, dim=1)).squeeze(1) + beta * torch.bmm(alpha, G).squeeze(1)
-    return tracker.result(shape)
+    return tracker.result(shape, tracker.nfe - 1)

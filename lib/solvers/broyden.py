@@ -6,6 +6,10 @@ H satisfy the secant condition H Δg = Δz:
 
     u = (Δz − H Δg) / (Δzᵀ H Δg),   vᵀ = Δzᵀ H.
 
+Budget: ``max_iter`` steps after the evaluation of f(z0), so at most ``max_iter + 1`` f evaluations: the
+``threshold`` of locuslab/mdeq's and locuslab/deq's ``broyden`` and torchdeq's ``max_iter``. ``stats["nstep"]``
+counts the steps taken, ``stats["nfe"]`` the evaluations (``nstep + 1``).
+
 Memory: at most ``memory`` rank-one terms are kept (default: all); past that the oldest pair is
 overwritten (limited-memory Broyden, as in locuslab/deq), so memory is bounded at 2·memory·N per sample.
 """
@@ -55,7 +59,8 @@ class _InverseJacobian:
 
 def broyden(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol: float = 1e-3,
             stop_mode: str = "rel", memory: int | None = None) -> tuple[Tensor, dict[str, Any]]:
-    """Solve z = f(z) by Broyden's method; ``memory`` bounds the rank-one pairs kept. Returns ``(z, stats)``."""
+    """Solve z = f(z) by Broyden's method with at most ``max_iter`` steps after f(z0); ``memory`` bounds the
+    rank-one pairs kept. Returns ``(z, stats)``."""
     check_args(max_iter, tol, stop_mode)
     memory = max_iter if memory is None else memory
     if memory < 1:
@@ -64,8 +69,8 @@ def broyden(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol: 
     tracker = Tracker(z, tol, stop_mode)
     fz = f(z)
     g = fz - z
-    if tracker.update(z, fz, g) or max_iter == 1:
-        return tracker.result(z0.shape)
+    if tracker.update(z, fz, g):
+        return tracker.result(z0.shape, 0)
     if torch.is_grad_enabled():
         return _broyden_tracked(f, z, g, tracker, max_iter, memory, z0.shape)
     # In place, with the algebra arranged so a step costs one H·x and one xᵀ·H (2k passes each over the
@@ -74,17 +79,17 @@ def broyden(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol: 
     #   and the next step −H⁺ g⁺ = −w − u (vᵀ g⁺) = w (vᵀg⁺ / d − 1), d = Δzᵀ(w + Δz): no further H·x.
     # Pairs live in slot-major rings (memory, B, N) so (B, k, N) views feed bmm without copies.
     b, n_state = z.shape
-    mem = min(memory, max(max_iter - 2, 1))  # pairs are stored after steps 0 .. max_iter - 3 (the last stores none)
+    mem = min(memory, max(max_iter - 1, 1))  # pairs are stored after steps 0 .. max_iter - 2 (the last stores none)
     us, vs = z.new_empty(mem, b, n_state), z.new_empty(mem, b, n_state)
     z_bufs = (torch.empty_like(z), torch.empty_like(z))  # ping-pong: zₖ stays intact while zₖ₊₁ is written
     w, vt, tmp = (torch.empty_like(z) for _ in range(3))
     dz = g.clone()  # H₀ = −I: the first step is a fixed-point step
     g = torch.empty_like(z)
-    for k in range(max_iter - 1):
+    for k in range(max_iter):
         z = torch.add(z, dz, out=z_bufs[k % 2])
         fz = f(z)
         torch.sub(fz, z, out=g)
-        if tracker.update(z, fz, g, hold=True) or k == max_iter - 2:  # no update for a step never taken
+        if tracker.update(z, fz, g, hold=True) or k == max_iter - 1:  # no update for a step never taken
             break
         n, slot = min(k, mem), k % mem
         if n:
@@ -103,20 +108,20 @@ def broyden(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int = 30, tol: 
         torch.mul(w, vg / denom - 1.0, out=dz)  # the next step, −H⁺ g⁺
         torch.mul(w, -1.0 / denom, out=us[slot])
         vs[slot].copy_(vt)
-    return tracker.result(z0.shape)
+    return tracker.result(z0.shape, tracker.nfe - 1)
 
 
 def _broyden_tracked(f: Callable[[Tensor], Tensor], z: Tensor, g: Tensor, tracker: Tracker, max_iter: int,
                      memory: int, shape: torch.Size) -> tuple[Tensor, dict[str, Any]]:
     """The grad-enabled path: every update out of place (pairs as lists), so autograd sees the whole solve."""
     inv_jac = _InverseJacobian(min(memory, max_iter))
-    for k in range(max_iter - 1):
+    for k in range(max_iter):
         dz = -inv_jac.matvec(g)
         z = z + dz
         fz = f(z)
         g_new = fz - z
-        if tracker.update(z, fz, g_new) or k == max_iter - 2:
+        if tracker.update(z, fz, g_new) or k == max_iter - 1:
             break
         inv_jac.update(dz, g_new - g)
         g = g_new
-    return tracker.result(shape)
+    return tracker.result(shape, tracker.nfe - 1)

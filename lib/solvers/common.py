@@ -1,9 +1,15 @@
 """Bookkeeping shared by every solver: per-sample residuals, the best iterate, traces and the stop test.
 
 Residuals are per sample: abs = ||f(z) − z||₂ and rel = abs / (||f(z)||₂ + EPS). A solve stops when every
-sample is under ``tol`` in ``stop_mode``, when f produces a non-finite value, or after ``max_iter`` f
-evaluations. Each f evaluation measures the residual of the iterate it was applied to, so the solver returns,
-per sample, the *iterate* (not its image) with the lowest residual seen.
+sample is under ``tol`` in ``stop_mode``, when f produces a non-finite value, or when the budget is spent.
+Each f evaluation measures the residual of the iterate it was applied to; the solver returns, per sample, the
+iterate with the lowest residual seen (fixed-point iteration returns that iterate's image, see its module).
+
+Budgets and counts. ``max_iter`` means what the budget of the original solver meant (see each solver):
+Broyden takes ``max_iter`` steps after evaluating f(z0) (``max_iter + 1`` evaluations, as locuslab/mdeq's and
+locuslab/deq's ``threshold`` and torchdeq's ``max_iter``); Anderson evaluates f ``max_iter`` times (locuslab/deq's
+``threshold``); fixed-point iteration evaluates f ``max_iter`` times (torchdeq's ``max_iter``). Every solver's
+stats report both counts: ``nstep``, the steps taken (new iterates made from z0), and ``nfe``, f evaluations.
 
 Host syncs: one per step, which brings the per-sample residuals to the host for the stop test, the
 non-finite check and the best-iterate bookkeeping. Traces stay on the device until the end. Under
@@ -13,7 +19,7 @@ update is out of place so autograd can backprop through the whole solve.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -56,7 +62,7 @@ class Tracker:
         self.best_rel = [float("inf")] * z0.shape[0]
         self.held: Tensor | None = None  # an iterate best for every sample, held by reference (see update)
         self.traces: list[Tensor] = []  # (2, B) per step: abs and rel residuals, kept on the device
-        self.nstep = 0
+        self.nfe = 0  # f evaluations: one per update
         self.nonfinite = False
         self.converged = False
 
@@ -68,7 +74,7 @@ class Tracker:
         copied out if a later iterate is not better everywhere. Returns True when every sample is under tol
         or f produced a non-finite value.
         """
-        self.nstep += 1
+        self.nfe += 1
         with torch.no_grad():
             residual = fz - z if residual is None else residual
             abs_res = torch.linalg.vector_norm(residual, dim=1, dtype=self.dtype)
@@ -103,10 +109,12 @@ class Tracker:
         self.converged = all(r < self.tol for r in res)
         return self.converged or self.nonfinite
 
-    def result(self, shape: torch.Size) -> tuple[Tensor, dict[str, Any]]:
-        traces = torch.stack(self.traces).amax(dim=2).cpu()  # (nstep, 2): the worst sample per step
+    def result(self, shape: torch.Size, nstep: int) -> tuple[Tensor, dict[str, Any]]:
+        """The best iterate reshaped to ``shape`` and the stats; ``nstep`` is the solver's count of steps."""
+        traces = torch.stack(self.traces).amax(dim=2).cpu()  # (nfe, 2): the worst sample per evaluation
         stats = {
-            "nstep": self.nstep,
+            "nstep": nstep,
+            "nfe": self.nfe,
             "abs_lowest": torch.tensor(self.best_abs, dtype=self.dtype, device=self.best_z.device),
             "rel_lowest": torch.tensor(self.best_rel, dtype=self.dtype, device=self.best_z.device),
             "abs_trace": traces[:, 0],
@@ -120,8 +128,20 @@ class Tracker:
         return best.reshape(shape), stats
 
 
-def solver_summary(stats: dict | None) -> tuple[float, float]:
-    """(f evaluations, mean final relative residual) of one solve's stats; (0, 0) when there was none."""
+class SolveSummary(NamedTuple):
+    """What the logs, progress bars and CSV rows report of one solve."""
+    steps: float  # solver steps (``stats["nstep"]``)
+    nfe: float  # f evaluations (``stats["nfe"]``)
+    residual: float  # mean final relative residual
+
+
+def solver_summary(stats: dict | None) -> SolveSummary:
+    """The :class:`SolveSummary` of one solve's stats; zeros when there was none."""
     if not stats:
-        return 0.0, 0.0
-    return float(stats["nstep"]), float(stats["rel_lowest"].float().mean())
+        return SolveSummary(0.0, 0.0, 0.0)
+    return SolveSummary(float(stats["nstep"]), float(stats["nfe"]), float(stats["rel_lowest"].float().mean()))
+
+
+def mean_summary(summaries: Sequence[SolveSummary]) -> SolveSummary:
+    """The field-wise mean of several solves' summaries (e.g. the windows of one image)."""
+    return SolveSummary(*(sum(column) / len(summaries) for column in zip(*summaries)))

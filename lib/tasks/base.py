@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from deqlab.checkpoint import load_weights
 from deqlab.data import build_loader
 from deqlab.losses import Trajectory, fixed_point_correction
-from deqlab.solvers.common import solver_summary
+from deqlab.solvers.common import SolveSummary, solver_summary
 from deqlab.models import build_model
 from deqlab.utils.dist import all_reduce_sum
 
@@ -106,8 +106,8 @@ class Task:
         """Cheap per-batch numbers for the progress bar and tensorboard (e.g. accuracy)."""
         return {}
 
-    def predict(self, model: nn.Module, x: Tensor, f_thres: int | None) -> tuple[Tensor, tuple[float, float]]:
-        """The evaluation forward: the output and (forward solver steps, final relative residual)."""
+    def predict(self, model: nn.Module, x: Tensor, f_thres: int | None) -> tuple[Tensor, SolveSummary]:
+        """The evaluation forward: the output and the forward solve's summary (steps, f evaluations, residual)."""
         output, info = model(x, train_step=-1, f_thres=f_thres)
         return output, solver_summary(info["fwd"])
 

@@ -24,7 +24,7 @@ from deqlab.data import dataset_dir
 from deqlab.data.lm import Corpus, LMOrderedIterator, load_corpus
 from deqlab.errors import CheckpointError, ConfigError
 from deqlab.models import build_model
-from deqlab.solvers.common import solver_summary
+from deqlab.solvers.common import SolveSummary, solver_summary
 from deqlab.tasks.base import Meter, Task
 
 
@@ -106,7 +106,7 @@ class LanguageModelTask(Task):
         self.mems[True] = [m.detach() for m in mems]
         return loss, info
 
-    def predict(self, model: nn.Module, x: Any, f_thres: int | None) -> tuple[Tensor, tuple[float, float]]:
+    def predict(self, model: nn.Module, x: Any, f_thres: int | None) -> tuple[Tensor, SolveSummary]:
         data, target = x
         loss, self.mems[False], info = model(data, target, mems=self.mems[False], train_step=-1, f_thres=f_thres)
         return loss, solver_summary(info["fwd"])

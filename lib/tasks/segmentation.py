@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from deqlab.inference import ORIGINAL_TEST_SCALES, segment
 from deqlab.losses import build_seg_criterion, upsample_to
 from deqlab.metrics import confusion_matrix, segmentation_scores
+from deqlab.solvers.common import SolveSummary
 from deqlab.tasks.base import Meter, Task
 
 
@@ -63,7 +64,7 @@ class SegmentationTask(Task):
         valid = target != self.cfg.TRAIN.IGNORE_LABEL
         return {"pixel_acc": 100 * ((pred == target) & valid).sum().item() / max(valid.sum().item(), 1)}
 
-    def predict(self, model: nn.Module, x: Tensor, f_thres: int | None) -> tuple[Tensor, tuple[float, float]]:
+    def predict(self, model: nn.Module, x: Tensor, f_thres: int | None) -> tuple[Tensor, SolveSummary]:
         if not self.full_test:
             return super().predict(model, x, f_thres)
         t = self.cfg.TEST
