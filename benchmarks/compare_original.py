@@ -11,9 +11,11 @@
 The originals' code is imported from those checkouts at run time (never copied here) and runs as shipped, on
 ``--device`` (locuslab/deq's backward hook calls ``torch.cuda.synchronize()``, made a no-op without CUDA). All build MDEQ-TINY
 (their ``cls_mdeq_TINY.yaml``/``small.yaml`` and ours: the same architecture), random init with seed 0, one
-batch of random 32×32 images. First table: a train step is forward + cross-entropy + backward + Adam with
-Broyden forward and Broyden implicit backward, both at ``F_THRES = B_THRES = t``; an eval step is the no-grad
-forward at ``t``; baselines locuslab/mdeq as shipped (``original``), the same with our allocator setting
+batch of random 32×32 images. ``t`` is the originals' ``F_THRES = B_THRES`` (their Broyden: f(z0) and t steps,
+t + 1 f evaluations each way); every implementation spends the same t + 1 evaluations (ours: Broyden at the
+same t, the same unit; ``floor``: fixed-point iteration at t + 1, see ``deqlab.solvers.budget_for_evals``).
+First table: a train step is forward + cross-entropy + backward + Adam with Broyden forward and Broyden implicit
+backward; an eval step is the no-grad forward; baselines locuslab/mdeq as shipped (``original``), the same with our allocator setting
 (``original_retain``) and, with ``--deq``, locuslab/deq's MDEQ-Vision (``locuslab_deq``, Jacobian loss off).
 Second table (``--zoo``): the phantom-gradient recipe, ours (``experiments/cifar/cls_mdeq_small_phantom.yaml``,
 one supervised state like the zoo's) against the torchdeq zoo's ``deq-zoo/mdeq/mdeq_cifar`` with its
@@ -75,15 +77,20 @@ def build_ours(f_thres: int, variant: str = "ours"):
     from deqlab.config import load_config
     from deqlab.engine.evaluator import autocast_context
     from deqlab.models import build_model
+    from deqlab.solvers import budget_for_evals, max_evals
     from deqlab.utils.cpu_allocator import configure_cpu_allocator
 
     if variant in PHANTOM_VARIANTS:
         config, overrides = PHANTOM_CONFIG, ["LOSS.FPC", "False", *PHANTOM_VARIANTS[variant]]
     else:
         config, overrides = CONFIG, ["DEQ.F_SOLVER", "broyden", "DEQ.B_SOLVER", "broyden", "DEQ.GRAD", "ift",
-                                     "DEQ.B_THRES", str(f_thres), "DEQ.B_EPS", "0.0", *VARIANTS[variant]]
-    cfg = load_config(REPO / config, ["DEQ.F_THRES", str(f_thres), "DEQ.F_EPS", "0.0", "TRAIN.PRETRAIN_STEPS", "0",
-                                      "MODEL.DROPOUT", "0.0", *overrides])
+                                     "DEQ.B_EPS", "0.0", *VARIANTS[variant]]
+    overrides = ["DEQ.F_EPS", "0.0", "TRAIN.PRETRAIN_STEPS", "0", "MODEL.DROPOUT", "0.0", *overrides]
+    solvers = load_config(REPO / config, overrides).DEQ
+    evals = max_evals("broyden", f_thres)  # what the originals spend each way at F_THRES = B_THRES = t
+    f_thres = budget_for_evals(solvers.F_SOLVER, evals)
+    cfg = load_config(REPO / config, [*overrides, "DEQ.F_THRES", str(f_thres),
+                                      "DEQ.B_THRES", str(budget_for_evals(solvers.B_SOLVER, evals))])
     configure_cpu_allocator(cfg.CPU_ALLOCATOR)
     torch.manual_seed(0)
     model = build_model(cfg)

@@ -52,7 +52,8 @@ def measure(mode: str, f_thres: int, batch: int, tgt_len: int, d_model: int, d_i
     return {"mode": mode, "f_thres": f_thres, "batch": batch, "tgt_len": tgt_len, "d_model": d_model,
             "d_inner": d_inner, "device": device, "step_s": run["step_s"],
             "tokens_per_s": batch * tgt_len / run["step_s"], "fwd_steps": info["fwd"]["nstep"],
-            "bwd_steps": info["bwd"].get("nstep", 0), "saved_for_backward_mb": run["saved_for_backward_mb"],
+            "fwd_nfe": info["fwd"]["nfe"], "bwd_steps": info["bwd"].get("nstep", 0),
+            "bwd_nfe": info["bwd"].get("nfe", 0), "saved_for_backward_mb": run["saved_for_backward_mb"],
             "peak_step_mb": run["peak_step_mb"]}
 
 

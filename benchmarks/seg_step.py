@@ -49,8 +49,9 @@ def measure(mode: str, f_thres: int, batch: int, crop: list[int], steps: int, de
     run = measure_steps(loss_and_info, optimizer, dev, steps)
     info = run["info"]
     return {"mode": mode, "f_thres": f_thres, "batch": batch, "crop": crop, "device": device,
-            "step_s": run["step_s"], "fwd_steps": info["fwd"]["nstep"],
-            "bwd_steps": info["bwd"].get("nstep", 0), "saved_for_backward_mb": run["saved_for_backward_mb"],
+            "step_s": run["step_s"], "fwd_steps": info["fwd"]["nstep"], "fwd_nfe": info["fwd"]["nfe"],
+            "bwd_steps": info["bwd"].get("nstep", 0), "bwd_nfe": info["bwd"].get("nfe", 0),
+            "saved_for_backward_mb": run["saved_for_backward_mb"],
             "peak_step_mb": run["peak_step_mb"]}
 
 

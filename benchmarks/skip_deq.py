@@ -68,8 +68,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         "epoch_s": epoch_times, "mean_epoch_s": sum(epoch_times) / len(epoch_times),
         "params": sum(p.numel() for p in trainer.model.parameters()),
         "trained_f_thres": cfg.DEQ.F_THRES, "top1_trained": trained["top1"],
-        "residual_trained": trained["fwd_residual"], "f_evals_trained": trained["fwd_steps"],
-        "eps": args.eps, "max_f_thres": args.max_f_thres, "f_evals_to_eps": to_eps["fwd_steps"],
+        "residual_trained": trained["fwd_residual"], "f_evals_trained": trained["fwd_nfe"],
+        "eps": args.eps, "max_f_thres": args.max_f_thres, "f_evals_to_eps": to_eps["fwd_nfe"],
         "top1_to_eps": to_eps["top1"], "residual_to_eps": to_eps["fwd_residual"], "eval_to_eps_s": eval_time,
         "test_images": to_eps["count"],
     }

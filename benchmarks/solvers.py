@@ -1,6 +1,6 @@
 """Fixed-point solver benchmark: f evaluations, residuals and per-step overhead, forward and IFT backward.
 
-Problems (float32, z0 = 0, tol 1e-4 relative per sample, max_iter 100, fixed seeds):
+Problems (float32, z0 = 0, tol 1e-4 relative per sample, at most 100 f evaluations, fixed seeds):
 
 * ``lin_tanh``      z = tanh(W z + U x), B=32, D=512, W Gaussian rescaled to spectral norm 0.9;
 * ``lin_tanh_hard`` as above with W symmetric, spectral norm 0.95, and U x scaled by 0.1 (nearly linear);
@@ -36,10 +36,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from deqlab.solvers import get_solver
+from deqlab.solvers import budget_for_evals, get_solver
 
 Fn = Callable[[Tensor], Tensor]
-TOL, MAX_ITER = 1e-4, 100
+TOL, MAX_NFE = 1e-4, 100  # the cap is in f evaluations: Broyden's budget is one less (it also evaluates f(z0))
 POOL = 8  # distinct inputs the reference f / VJP calls cycle through (16 MB for conv_gn, twice the L3 here)
 OURS = ("broyden", "anderson", "fixed_point")
 TORCHDEQ = {"broyden": "broyden", "anderson": "anderson", "fixed_point": "fixed_point_iter"}
@@ -74,13 +74,16 @@ PROBLEMS: dict[str, Callable[[], tuple[Fn, Tensor]]] = {
 
 
 def make_solver(label: str) -> Callable[[Fn, Tensor], Tensor]:
-    """``solve(f, z0) -> z`` at the benchmark's tol / max_iter for ``name`` or ``torchdeq/name``."""
+    """``solve(f, z0) -> z`` at the benchmark's tol and at most MAX_NFE f evaluations for ``name`` or
+    ``torchdeq/name`` (torchdeq's ``max_iter`` has our units)."""
+    name = label.split("/", 1)[-1]
+    max_iter = budget_for_evals(name, MAX_NFE)
     if label.startswith("torchdeq/"):
         from torchdeq.solver import get_solver as td_get_solver
-        td = td_get_solver(label.split("/", 1)[1])
-        return lambda f, z0: td(f, z0, max_iter=MAX_ITER, tol=TOL, stop_mode="rel")[0]
-    ours = get_solver(label)
-    return lambda f, z0: ours(f, z0, max_iter=MAX_ITER, tol=TOL, stop_mode="rel")[0]
+        td = td_get_solver(name)
+        return lambda f, z0: td(f, z0, max_iter=max_iter, tol=TOL, stop_mode="rel")[0]
+    ours = get_solver(name)
+    return lambda f, z0: ours(f, z0, max_iter=max_iter, tol=TOL, stop_mode="rel")[0]
 
 
 def median_time(fn: Callable[[], Any], repeats: int, warmup: bool = True) -> float:
@@ -291,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         td_version = None
         print("note: torchdeq is not installed (pip install torchdeq==0.1.0); comparing our solvers only")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, tol {TOL} rel, max_iter {MAX_ITER}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, tol {TOL} rel, at most {MAX_NFE} f evals, "
           f"repeats {args.repeats}")
     rows = run(problems, solvers, args.repeats)
     met = targets(rows)
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
           + ("" if n_met == len(met) else " (missed: " + ", ".join(p for p, m in met.items() if not m["met"]) + ")"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "processor": platform.processor(), "torchdeq": td_version, "tol": TOL, "max_iter": MAX_ITER,
+            "processor": platform.processor(), "torchdeq": td_version, "tol": TOL, "max_nfe": MAX_NFE,
             "repeats": args.repeats}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows, "targets": met}, indent=2))
     print(f"wrote {args.out}")

@@ -127,7 +127,8 @@ def measure(mode: str, f_thres: int, batch: int, steps: int, device: str, f_solv
     info = run["info"]
     return {"mode": mode, "f_solver": f_solver, "f_thres": f_thres, "batch": batch, "device": device,
             "step_s": run["step_s"], "images_per_s": batch / run["step_s"],
-            "fwd_steps": info["fwd"]["nstep"], "bwd_steps": info["bwd"].get("nstep", 0),
+            "fwd_steps": info["fwd"]["nstep"], "fwd_nfe": info["fwd"]["nfe"],
+            "bwd_steps": info["bwd"].get("nstep", 0), "bwd_nfe": info["bwd"].get("nfe", 0),
             "saved_for_backward_mb": run["saved_for_backward_mb"], "peak_step_mb": run["peak_step_mb"]}
 
 
@@ -153,13 +154,13 @@ def run_grid(script: str, modes: list[str], f_thres: list[int], rate_key: str, r
     """Run ``script --child MODE F_THRES *child_args`` in a fresh process per setting (memory peaks must not
     mix), print one table row each (``rate_key`` is the throughput column) and return the rows."""
     rows = []
-    print(f"{'mode':<10}{'F_THRES':>8}{rate_label:>12}{'fwd/bwd steps':>15}{'saved MB':>10}{'peak MB':>9}")
+    print(f"{'mode':<10}{'F_THRES':>8}{rate_label:>12}{'fwd/bwd f evals':>17}{'saved MB':>10}{'peak MB':>9}")
     for mode in modes:
         for budget in f_thres:
             cmd = [sys.executable, script, "--child", mode, str(budget), *child_args]
             row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             rows.append(row)
-            print(f"{mode:<10}{budget:>8}{row[rate_key]:>12.1f}{row['fwd_steps']:>8}/{row['bwd_steps']:<6}"
+            print(f"{mode:<10}{budget:>8}{row[rate_key]:>12.1f}{row['fwd_nfe']:>8}/{row['bwd_nfe']:<8}"
                   f"{row['saved_for_backward_mb']:>10.1f}{row['peak_step_mb']:>9.1f}", flush=True)
     return rows
 

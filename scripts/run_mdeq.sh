@@ -8,7 +8,7 @@
 #   --model NAME | --cfg FILE   experiments/imagenet/cls_mdeq_NAME.yaml (default SMALL), or any config file
 #   --eval                 evaluate --resume CKPT (TEST.MODEL_FILE) instead of training
 #   --resume CKPT          training: continue from this checkpoint (TRAIN.RESUME_FILE); with --eval: the weights
-#   --eval_f_max_iter K    test-time forward solver steps (TEST.F_THRES); training is unchanged
+#   --eval_f_max_iter K    test-time forward budget (TEST.F_THRES, torchdeq's units); training is unchanged
 #   --batch-size B         per-process batch (TRAIN/TEST.BATCH_SIZE_PER_GPU)
 #   --epochs N  --lr X  --wd X  --workers N  --save-path DIR (OUTPUT_DIR DIR, LOG_DIR DIR/log)
 #   --dali-cpu             DALI decodes on the CPU (DATASET.DALI_DEVICE cpu); --loader torchvision|dali

@@ -143,8 +143,9 @@ _C.DEQ = CN()
 _C.DEQ.F_SOLVER = "broyden"    # forward solver: broyden | anderson | fixed_point (deqlab.solvers registry)
 _C.DEQ.B_SOLVER = "broyden"    # backward (adjoint) solver, used when DEQ.GRAD == "ift"
 _C.DEQ.STOP_MODE = "rel"       # "abs" or "rel" residual per sample
-_C.DEQ.F_THRES = 30            # max forward solver steps
-_C.DEQ.B_THRES = 40            # max backward solver steps
+_C.DEQ.F_THRES = 30            # forward budget in the original solvers' units: Broyden takes F_THRES steps after
+                               # f(z0) (F_THRES + 1 f evaluations); Anderson and fixed_point evaluate f F_THRES times
+_C.DEQ.B_THRES = 40            # backward (adjoint) budget, in the same units as F_THRES
 _C.DEQ.F_EPS = 1e-3            # forward tolerance (in STOP_MODE)
 _C.DEQ.B_EPS = 1e-6            # backward tolerance (in STOP_MODE)
 _C.DEQ.F_SOLVER_MEMORY = 0     # ours: past iterates the forward solver keeps (Broyden's rank-one pairs, Anderson's
@@ -258,8 +259,8 @@ allow("TRAIN", OPTIMIZER=registered("deqlab.engine.optim", "OPTIMIZERS", case_se
 _C.TEST = CN()
 _C.TEST.BATCH_SIZE_PER_GPU = 32
 _C.TEST.MODEL_FILE = ""         # full weights to evaluate
-_C.TEST.F_THRES = 0             # ours: forward solver steps at evaluation (validation during training and the
-                                # test tools); 0 = DEQ.F_THRES. Trades accuracy for inference speed.
+_C.TEST.F_THRES = 0             # ours: forward budget at evaluation, in DEQ.F_THRES's units (validation during
+                                # training and the test tools); 0 = DEQ.F_THRES. Trades accuracy for inference speed.
 # Segmentation evaluation
 _C.TEST.IMAGE_SIZE = [2048, 1024]  # sliding-window [width, height]
 _C.TEST.BASE_SIZE = 2048        # long side of an image at scale 1.0

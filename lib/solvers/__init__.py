@@ -3,6 +3,10 @@
 ``f`` maps a batched tensor (B, ...) to one of the same shape; residuals and stopping are per sample, and each
 solver returns the per-sample lowest-residual iterate with ``stats`` (see ``deqlab.solvers.common``).
 Solvers are found by name: ``get_solver("anderson")``; ``register_solver(name, fn)`` adds one.
+
+``max_iter`` is the budget in the unit of the original solver each comes from: Broyden's steps after f(z0)
+(``max_iter + 1`` f evaluations), Anderson's and fixed-point iteration's f evaluations. ``max_evals`` and
+``budget_for_evals`` convert, e.g. to compare solvers at equal f evaluations.
 """
 from __future__ import annotations
 
@@ -46,8 +50,23 @@ def memory_options(name: str, memory: int, key: str = "DEQ.F_SOLVER_MEMORY") -> 
     return {MEMORY_OPTIONS[name]: memory}
 
 
+# f evaluations a solver spends beyond max_iter when it spends its whole budget; 0 for a solver not listed.
+EXTRA_EVALS = {"broyden": 1}
+
+
+def max_evals(name: str, max_iter: int) -> int:
+    """The most f evaluations solver ``name`` spends at budget ``max_iter``."""
+    return max_iter + EXTRA_EVALS.get(name, 0)
+
+
+def budget_for_evals(name: str, evals: int) -> int:
+    """The budget (``max_iter``, ``DEQ.F_THRES``) at which solver ``name`` spends at most ``evals`` f evaluations
+    (at least 1)."""
+    return max(1, evals - EXTRA_EVALS.get(name, 0))
+
+
 for _fn in (broyden, anderson, fixed_point):
     register_solver(_fn.__name__, _fn)
 
 __all__ = ["get_solver", "register_solver", "memory_options", "MEMORY_OPTIONS", "broyden", "anderson", "fixed_point",
-           "SOLVERS"]
+           "SOLVERS", "EXTRA_EVALS", "max_evals", "budget_for_evals"]
