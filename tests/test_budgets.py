@@ -9,8 +9,11 @@ import torch
 
 from deqlab.checkpoint import load_weights
 from deqlab.config import load_config
+from deqlab.engine import Trainer
+from deqlab.engine.evaluator import evaluate
+from deqlab.engine.launch import results_row
 from deqlab.models import build_model
-from deqlab.solvers import get_solver
+from deqlab.solvers import budget_for_evals, get_solver, max_evals
 
 from conftest import COMPAT, needs_compat
 
@@ -105,7 +108,36 @@ def test_an_early_stop_counts_every_evaluation(name, extra):
     assert torch.allclose(z, z_star, atol=1e-9, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["broyden", "anderson", "fixed_point"])
+def test_budget_for_evals_buys_exactly_that_many_evaluations(name):
+    for evals in (2, 5):
+        t = budget_for_evals(name, evals)
+        _, stats, calls, _ = solve(name, t)
+        assert calls == evals == max_evals(name, t)
+
+
+def test_training_and_evaluation_report_steps_and_f_evaluations_apart(tiny_run):
+    """Broyden forward F_THRES 3 and backward B_THRES 4, tolerances 0: 3 steps / 4 evaluations forward, 4 steps /
+    5 evaluations / 4 VJPs backward (the evaluation at g = 0 needs none), in the trainer's stats (progress bar,
+    tensorboard), the evaluation metrics and the CSV row."""
+    path, overrides, _ = tiny_run
+    cfg = load_config(path, overrides + ["DEQ.F_SOLVER", "broyden", "DEQ.B_SOLVER", "broyden", "DEQ.F_THRES", "3",
+                                         "DEQ.B_THRES", "4", "DEQ.F_EPS", "0", "DEQ.B_EPS", "0",
+                                         "TRAIN.PRETRAIN_STEPS", "0", "DEQ.RAND_F_THRES_DELTA", "0"])
+    trainer = Trainer(cfg, path)
+    trainer.net.train()
+    x, y = next(iter(trainer.train_loader))
+    stats = trainer.train_step(x, y)
+    assert (stats["fwd_steps"], stats["fwd_nfe"]) == (3, 4)
+    assert (stats["bwd_steps"], stats["bwd_nfe"], stats["bwd_vjps"]) == (4, 5, 4)
+    metrics = evaluate(trainer.task, trainer.net, trainer.test_loader, trainer.device, f_thres=2)
+    assert (metrics["fwd_steps"], metrics["fwd_nfe"]) == (2, 3)
+    row = results_row(str(path), trainer.task, "test", 2, metrics["top1"], metrics)
+    assert (row["f_thres"], row["fwd_steps"], row["fwd_nfe"]) == (2, 2, 3)
+
+
 @needs_compat
+@pytest.mark.filterwarnings("ignore:.*ignoring DEBUG.DEBUG")
 def test_mini4_classifier_matches_the_original_at_every_broyden_budget():
     """locuslab/mdeq's MINI4 classifier at MODEL.F_THRES t (float64, tolerance 0: every budget spent): the
     same logits and the same number of f evaluations, t + 1."""

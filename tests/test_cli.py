@@ -50,7 +50,7 @@ def test_torchrun_trains_and_cls_valid_appends_csv_rows(trained):
         assert "test accuracy (top-1, %):" in proc.stdout
     rows = list(csv.DictReader(csv_path.open()))
     assert [int(r["f_thres"]) for r in rows] == [2, 8] and all(int(r["count"]) == 16 for r in rows)
-    assert float(rows[0]["fwd_steps"]) <= 2 < float(rows[1]["fwd_steps"])
+    assert float(rows[0]["fwd_nfe"]) <= 2 < float(rows[1]["fwd_nfe"])  # Anderson: budget = f evaluations
     proc = run([sys.executable, str(REPO / "tools/plot_sweep.py"), str(csv_path)], tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Image.open(tmp / "sweep.png").size == (1200, 480)

@@ -84,7 +84,7 @@ def test_equilibrium_loss_matches_the_original_anderson_loosely(ref):
     model = conditioned(torch.float32).eval()
     with torch.no_grad():
         loss, _, info = model(ref["data_seg1"], ref["target_seg1"], None, train_step=-1, f_thres=30)
-    assert info["fwd"]["nstep"] == 30  # mildly contractive at this init: the whole budget is spent
+    assert info["fwd"]["nfe"] == 30  # mildly contractive at this init: the whole budget (30 evaluations) is spent
     assert abs(loss.mean().item() - ref["loss_deq_float32_anderson30_seg1"].mean().item()) < 1e-2
 
 
@@ -161,5 +161,5 @@ def test_mixed_precision_keeps_the_equilibrium_in_float32():
         _, mems, _ = model(data, data, None, train_step=5, f_thres=6)
         loss, mems, info = model(data, data, mems, train_step=6, f_thres=6)
     loss.float().mean().backward()
-    assert mems[0].dtype == torch.float32 and info["fwd"]["nstep"] == 6  # the solver's state: float32
+    assert mems[0].dtype == torch.float32 and info["fwd"]["nfe"] == 6  # the solver's state: float32
     assert torch.isfinite(info["fwd"]["rel_lowest"]).all() and model.func.pos_ff.ff1_net.weight_v.grad.abs().sum() > 0

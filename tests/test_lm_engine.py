@@ -130,7 +130,7 @@ def test_train_tool_then_eval_rows(lm_run):
     rows = list(csv.DictReader(rows_file.open()))
     assert [(r["f_thres"], r["mem_len"], r["split"], r["f_eps"]) for r in rows] == [("2", "6", "test", "1e-09"),
                                                                                    ("5", "6", "test", "1e-09")]
-    assert [float(r["fwd_steps"]) for r in rows] == [2.0, 5.0]
+    assert [float(r["fwd_nfe"]) for r in rows] == [2.0, 5.0]  # Anderson's budget counts f evaluations
     assert float(rows[1]["fwd_residual"]) < float(rows[0]["fwd_residual"])
     for r in rows:
         assert abs(float(r["ppl"]) - torch.tensor(float(r["loss"])).exp().item()) < 1e-3 * float(r["ppl"])

@@ -46,8 +46,9 @@ def test_eval_released_checkpoint_over_torchrun(tree, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "(29 samples), F_THRES" in proc.stdout and "top-1" in proc.stdout and "top-5" in proc.stdout
     rows = list(csv.DictReader(csv_path.open()))
-    assert [(int(r["f_thres"]), float(r["fwd_steps"]), int(r["count"])) for r in rows] == [(2, 2.0, 29), (2, 2.0, 29),
-                                                                                         (5, 5.0, 29)]
+    # Broyden (the MINI4 config's solver): F_THRES t is t steps after f(z0), t + 1 f evaluations
+    assert [(int(r["f_thres"]), float(r["fwd_steps"]), float(r["fwd_nfe"]), int(r["count"])) for r in rows] == [
+        (2, 2.0, 3.0, 29), (2, 2.0, 3.0, 29), (5, 5.0, 6.0, 29)]
     assert rows[0]["top1"] == rows[1]["top1"] and rows[0]["top5"] == rows[1]["top5"]  # sharded == single
     assert float(rows[2]["fwd_residual"]) < float(rows[0]["fwd_residual"])
 

@@ -79,7 +79,7 @@ def test_torchrun_seg_train_then_seg_test_rows_and_predictions(tiny_seg_run):
     rows = list(csv.DictReader(results.open()))
     assert [int(r["f_thres"]) for r in rows] == [2, 6] and all(float(r["f_eps"]) == 1e-7 for r in rows)
     assert all(0 <= float(r["miou"]) <= 100 and r["perf"] == r["miou"] and int(r["count"]) == 4 for r in rows)
-    assert float(rows[0]["fwd_steps"]) <= 2 < float(rows[1]["fwd_steps"])
+    assert float(rows[0]["fwd_nfe"]) <= 2 < float(rows[1]["fwd_nfe"])  # Anderson: budget = f evaluations
     saved = sorted(preds.glob("*.png"))
     assert len(saved) == 4 and Image.open(saved[0]).size == (64, 32) and Image.open(saved[0]).mode == "RGB"
 

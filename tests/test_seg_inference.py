@@ -14,7 +14,8 @@ class LocalNet(nn.Module):
     """1x1 convolutions (translation- and flip-equivariant, no spatial receptive field); then optionally
     ``pool``: 4x4 average pooling (logits at 1/4 resolution, as MDEQ's), ``blocks``: the pooled logits
     repeated back to full resolution (each 4x4 block on its own), ``ramp``: a left-to-right ramp added (not
-    flip-equivariant). ``info["fwd"]`` counts the calls in ``nstep`` and ``rel_lowest`` (0.1 per call)."""
+    flip-equivariant). ``info["fwd"]`` counts the calls in ``nstep``, ``nfe`` (one more) and ``rel_lowest`` (0.1
+    per call)."""
 
     def __init__(self, pool=False, blocks=False, ramp=False):
         super().__init__()
@@ -33,7 +34,8 @@ class LocalNet(nn.Module):
         if self.ramp:
             y = y + torch.linspace(0, 2, y.shape[-1])
         self.calls += 1
-        return y, {"fwd": {"nstep": self.calls, "rel_lowest": torch.full((len(x),), 0.1 * self.calls)}}
+        return y, {"fwd": {"nstep": self.calls, "nfe": self.calls + 1,
+                           "rel_lowest": torch.full((len(x),), 0.1 * self.calls)}}
 
 
 def image(h, w, batch=2, seed=0):
@@ -120,9 +122,10 @@ def test_the_output_always_has_the_images_size(base_size, crop, flip, scales):
 def test_solver_stats_are_averaged_over_every_call():
     model, x = LocalNet(), image(16, 24)
     # windows of 12x12 with stride 8: 2 rows x 3 columns, twice with flip: calls report steps 1..12
-    _, (steps, residual) = run(model, x, (12, 12), flip=True)
+    _, solve = run(model, x, (12, 12), flip=True)
     assert model.calls == 12
-    assert steps == pytest.approx(6.5) and residual == pytest.approx(0.65)
+    assert solve.steps == pytest.approx(6.5) and solve.nfe == pytest.approx(7.5)
+    assert solve.residual == pytest.approx(0.65)
 
 
 def test_a_model_without_solver_stats_and_a_wrong_class_count():
@@ -130,7 +133,7 @@ def test_a_model_without_solver_stats_and_a_wrong_class_count():
         def forward(self, x, train_step=0, f_thres=None):
             return super().forward(x, train_step, f_thres)[0], {"fwd": None}
 
-    assert run(Unrolled(), image(8, 8))[1] == (0.0, 0.0)
+    assert run(Unrolled(), image(8, 8))[1] == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="the model predicts 3 classes, expected num_classes=4"):
         segment(LocalNet(), image(8, 8), num_classes=4, crop_size=None, base_size=None, f_thres=5)
 

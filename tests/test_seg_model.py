@@ -167,7 +167,7 @@ def test_logits_at_a_quarter_of_the_input(kernel):
     assert model.last_layer[3].weight.shape == (5, 120, kernel, kernel)
     with torch.no_grad():
         logits, info = model(torch.randn(1, 3, 64, 96))
-    assert logits.shape == (1, 5, 16, 24) and info["fwd"]["nstep"] == 4
+    assert logits.shape == (1, 5, 16, 24) and info["fwd"]["nstep"] == 4 and info["fwd"]["nfe"] == 5  # Broyden
 
 
 @pytest.mark.parametrize("key", ["TRAIN.IMAGE_SIZE", "TEST.IMAGE_SIZE"])

@@ -146,15 +146,16 @@ def test_skipreg_adds_no_parameters_and_regularises_the_cell():
     g = named_grads(skipreg, info["aux_loss"])
     assert any(g[n].abs().max() > 0 for n in g if n.startswith("fullstage."))  # the cell predicts z0 = f(0; x)
     assert all(g[n].abs().max() == 0 for n in g if n.startswith(("classifier.", "final_layer.", "incre_modules.")))
-    # one f evaluation makes z0: it is counted in the solver steps
+    # one f evaluation makes z0: it is counted in the f evaluations, not as a step (Anderson: budget 3 = 3 evals)
     skipreg.eval()
     with torch.no_grad():
         _, info = skipreg(x, f_thres=3)
-    assert info["fwd"]["init_nfe"] == 1 and info["fwd"]["nstep"] == 4 and info["aux_loss"] is None
+    assert info["fwd"]["init_nfe"] == 1 and info["fwd"]["nfe"] == 4 and info["fwd"]["nstep"] == 2
+    assert info["aux_loss"] is None
     plain.eval()
     with torch.no_grad():
         _, info = plain(x, f_thres=3)
-    assert info["fwd"]["nstep"] == 3 and "init_nfe" not in info["fwd"] and info["aux_loss"] is None
+    assert info["fwd"]["nfe"] == 3 and "init_nfe" not in info["fwd"] and info["aux_loss"] is None
 
 
 def test_the_predictor_gives_the_initial_state_at_test_time():

@@ -20,7 +20,7 @@ def test_the_study_trains_sweeps_and_plots_every_seed_and_method(tiny_run):
     rows = list(csv.DictReader((out / "stability_results.csv").open()))
     seen = {(r["checkpoint"].split("/study/")[1].split("/")[0], r["seed"], int(r["f_thres"])) for r in rows}
     assert len(rows) == 8 and seen == {(m, s, t) for m in ("ift_3", "unrolled_3") for s in ("0", "1") for t in (1, 3)}
-    assert all(float(r["fwd_steps"]) == int(r["f_thres"]) for r in rows)  # F_EPS 1e-7: every budget spent
+    assert all(float(r["fwd_nfe"]) == int(r["f_thres"]) for r in rows)  # F_EPS 1e-7: every (Anderson) budget spent
     for method, grad in (("ift_3", "ift"), ("unrolled_3", "unrolled")):
         for seed in (0, 1):
             cfg = load_config(out / method / "fashion_mnist" / path.stem / f"config_seed{seed}.yaml")

@@ -43,7 +43,8 @@ def test_cls_sweep_writes_one_row_per_budget(tiny_run):
     assert [r["f_thres"] for r in rows] == [1, 3]
     written = rows_of(out)
     assert [int(r["f_thres"]) for r in written] == [1, 3] and all(int(r["count"]) == 16 for r in written)
-    assert [float(r["fwd_steps"]) for r in written] == [1.0, 3.0]  # F_EPS 1e-9: every budget is spent
+    # F_EPS 1e-9: every budget is spent; Anderson's budget counts f evaluations, its steps are one fewer
+    assert [float(r["fwd_nfe"]) for r in written] == [1.0, 3.0] and [float(r["fwd_steps"]) for r in written] == [0, 2]
     assert float(written[1]["fwd_residual"]) < float(written[0]["fwd_residual"])
     assert all(r["perf"] == r["top1"] and r["checkpoint"] == str(ckpt) and r["split"] == "test" for r in written)
     # the loss as the performance, on the train split (48 images), through the command line
@@ -63,7 +64,7 @@ def test_skipreg_sweep_counts_the_initial_f_evaluation(tiny_run):
     ckpt = checkpoint(path, overrides, "cls", tmp / "skipreg.pth")
     rows = sweep_tool.main(["--cfg", str(path), "--checkpoint", str(ckpt), "--f_thres", "2", "DEQ.F_EPS", "1e-9",
                             *overrides])
-    assert rows[0]["fwd_steps"] == 3.0
+    assert rows[0]["fwd_nfe"] == 3.0 and rows[0]["fwd_steps"] == 1.0  # f(0) is an evaluation, not a step
 
 
 def test_seg_sweep_writes_one_row_per_budget(tiny_seg_run):
@@ -74,7 +75,7 @@ def test_seg_sweep_writes_one_row_per_budget(tiny_seg_run):
                      "--f_thres", "1", "4", "DEQ.F_EPS", "1e-9", *overrides])
     written = rows_of(out)
     assert [int(r["f_thres"]) for r in written] == [1, 4] and all(int(r["count"]) == 4 for r in written)
-    assert [float(r["fwd_steps"]) for r in written] == [1.0, 4.0]
+    assert [float(r["fwd_nfe"]) for r in written] == [1.0, 4.0] and [float(r["fwd_steps"]) for r in written] == [0, 3]
     assert all(r["perf"] == r["miou"] and 0 <= float(r["miou"]) <= 100 for r in written)
     assert read_rows(out)[1] == "mIoU (%)"
 
@@ -91,7 +92,7 @@ def test_lm_sweep_writes_one_row_per_budget(tmp_path):
     written = rows_of(out)
     assert [int(r["f_thres"]) for r in written] == [2, 4]
     assert all(r["perf"] == r["ppl"] and float(r["ppl"]) > 1 for r in written)
-    assert [float(r["fwd_steps"]) for r in written] == [2.0, 4.0]  # F_EPS 1e-9 in LM_TINY
+    assert [float(r["fwd_nfe"]) for r in written] == [2.0, 4.0]  # F_EPS 1e-9 in LM_TINY; Anderson: evaluations
     assert read_rows(out)[1] == "perplexity"
 
 
