@@ -108,6 +108,47 @@ def test_an_early_stop_counts_every_evaluation(name, extra):
     assert torch.allclose(z, z_star, atol=1e-9, rtol=0)
 
 
+def tanh_problem(scale=0.95):
+    """z = tanh(W z + x): float64, B = 3, D = 40, ||W||₂ = ``scale`` (slow enough that budgets bind)."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(40, 40, generator=g, dtype=torch.float64)
+    w = w * scale / torch.linalg.matrix_norm(w, ord=2)
+    x = torch.randn(3, 40, generator=g, dtype=torch.float64)
+    return lambda z: torch.tanh(z @ w.T + x)
+
+
+@pytest.mark.parametrize("t,tol", [(26, 1e-3), (26, 0.0), (5, 0.0)])
+def test_fixed_point_gives_torchdeqs_numbers(t, tol):
+    """torchdeq's fixed_point_iter with the ImageNet zoo recipe's settings (26, absolute 1e-3) and with the whole
+    budget spent: the same answer and the same f evaluations."""
+    torchdeq_fp = pytest.importorskip("torchdeq.solver.fp_iter")
+    f = tanh_problem()
+    ours, theirs = Counted(f), Counted(f)
+    z0 = torch.zeros(3, 40, dtype=torch.float64)
+    z, stats = get_solver("fixed_point")(ours, z0, max_iter=t, tol=tol, stop_mode="abs")
+    want = torchdeq_fp.fixed_point_iter(theirs, z0, max_iter=t, tol=tol, stop_mode="abs")[0]
+    assert ours.calls == theirs.calls == stats["nfe"] and torch.equal(z, want)
+
+
+@pytest.mark.parametrize("t", [1, 3, 10])
+def test_broyden_and_anderson_spend_torchdeqs_evaluations(t):
+    """The same f evaluations as torchdeq's solvers at the same max_iter (Anderson: from 3, torchdeq evaluates
+    x0 and f(x0) whatever the budget); Broyden, the same method, gives the same answer."""
+    solver = pytest.importorskip("torchdeq.solver")
+    f = tanh_problem()
+    z0 = torch.zeros(3, 40, dtype=torch.float64)
+    ours, theirs = Counted(f), Counted(f)
+    z, _ = get_solver("broyden")(ours, z0, max_iter=t, tol=0.0, stop_mode="abs")
+    want = solver.get_solver("broyden")(theirs, z0, max_iter=t, tol=0.0, stop_mode="abs")[0]
+    assert ours.calls == theirs.calls == t + 1
+    assert torch.allclose(z, want, atol=1e-10, rtol=0)
+    if t >= 3:
+        ours, theirs = Counted(f), Counted(f)
+        get_solver("anderson")(ours, z0, max_iter=t, tol=0.0, stop_mode="abs")
+        solver.get_solver("anderson")(theirs, z0, max_iter=t, tol=0.0, stop_mode="abs")
+        assert ours.calls == theirs.calls == t
+
+
 @pytest.mark.parametrize("name", ["broyden", "anderson", "fixed_point"])
 def test_budget_for_evals_buys_exactly_that_many_evaluations(name):
     for evals in (2, 5):
