@@ -15,8 +15,8 @@ batch of random 32×32 images. ``t`` is the originals' ``F_THRES = B_THRES`` (th
 t + 1 f evaluations each way); every implementation spends the same t + 1 evaluations (ours: Broyden at the
 same t, the same unit; ``floor``: fixed-point iteration at t + 1, see ``deqlab.solvers.budget_for_evals``).
 First table: a train step is forward + cross-entropy + backward + Adam with Broyden forward and Broyden implicit
-backward; an eval step is the no-grad forward; baselines locuslab/mdeq as shipped (``original``), the same with our allocator setting
-(``original_retain``) and, with ``--deq``, locuslab/deq's MDEQ-Vision (``locuslab_deq``, Jacobian loss off).
+backward; an eval step is the no-grad forward; baselines locuslab/mdeq as shipped (``original``), the same with our
+allocator setting (``original_retain``) and, with ``--deq``, locuslab/deq's MDEQ-Vision (``locuslab_deq``, Jacobian loss off).
 Second table (``--zoo``): the phantom-gradient recipe, ours (``experiments/cifar/cls_mdeq_small_phantom.yaml``,
 one supervised state like the zoo's) against the torchdeq zoo's ``deq-zoo/mdeq/mdeq_cifar`` with its
 ``run_small.sh`` flags (Broyden forward at ``t``, 5 phantom steps, τ 0.5, weight norm), with the same Adam step.

@@ -1,7 +1,8 @@
 """Evaluate a classifier checkpoint: ``python tools/cls_valid.py --cfg FILE TEST.MODEL_FILE ckpt.pth [KEY VALUE ...]``.
 
-Prints top-1/top-5, loss, mean forward solver steps and final residual; ``--results_name runs.csv`` appends
-one row per call (handy for sweeping ``DEQ.F_THRES`` at test time; ``tools/plot_sweep.py`` plots it).
+Prints top-1/top-5, loss, mean forward solver steps and f evaluations and final residual; ``--results_name
+runs.csv`` appends one row per call (handy for sweeping ``DEQ.F_THRES`` at test time; ``tools/plot_sweep.py``
+plots it).
 """
 from deqlab.engine.cli import run_tool
 from deqlab.engine.launch import test_main

@@ -2,8 +2,8 @@
 
 Perplexity of ``DATASET.TEST_SET`` (``valid`` or ``test``) with the memory ``LM.MEM_LEN``, forward budget
 ``DEQ.F_THRES`` (or ``TEST.F_THRES``), tolerance ``DEQ.F_EPS`` and solver ``DEQ.F_SOLVER`` of the command line;
-``--results_file runs.csv`` appends one row (f_thres, f_eps, mem_len, ppl, loss, mean forward steps, final
-residual), e.g. to sweep the test-time budget.
+``--results_file runs.csv`` appends one row (f_thres, f_eps, mem_len, ppl, loss, mean forward steps and f
+evaluations, final residual), e.g. to sweep the test-time budget.
 """
 from deqlab.engine.cli import run_tool
 from deqlab.engine.launch import test_main

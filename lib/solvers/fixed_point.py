@@ -1,8 +1,8 @@
 """Plain fixed-point iteration z ← τ f(z) + (1 − τ) z (τ = 1: Picard; τ < 1: damped/Krasnosel'skii–Mann).
 
 Budget and result follow torchdeq's ``fixed_point_iter``: at most ``max_iter`` f evaluations, and the solver
-returns, per sample, the *image* of the evaluated iterate with the lowest residual, z_{k+1} = τ f(z_k) + (1 − τ) z_k.
-It costs no evaluation and, for a contraction, is closer to the fixed point than z_k; a budget of 1 returns
+returns, per sample, the *image* of the evaluated iterate with the lowest residual,
+z_{k+1} = τ f(z_k) + (1 − τ) z_k. It costs no evaluation and, for a contraction, is closer to the fixed point than z_k; a budget of 1 returns
 f(z0), not z0. So every evaluation is a step: ``stats["nstep"] == stats["nfe"]``. The residuals (and the stop
 test) are those of the evaluated iterate, ||f(z_k) − z_k|| (torchdeq measures the damped step τ(f(z_k) − z_k):
 the same for τ = 1, the only τ its DEQ layer uses).
