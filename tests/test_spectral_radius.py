@@ -11,7 +11,10 @@ from conftest import COMPAT, REPO, TINY_OVERRIDES, in_tmp, needs_compat, write_f
 from deqlab.checkpoint import save_checkpoint
 from deqlab.config import load_config
 from deqlab.deq import pack, unpack
+from deqlab.engine.evaluator import eval_f_thres, evaluate
+from deqlab.engine.launch import load_for_test
 from deqlab.tasks import get_task
+from deqlab.utils.dist import DistInfo
 from test_lm_engine import CFG as LM_CFG, LM_TINY, run
 
 pytestmark = pytest.mark.timeout(400)
@@ -89,10 +92,46 @@ def test_mdeq_classifier_estimate_is_power_iteration_on_the_explicit_jacobian(tm
     task, model = cls_model(in_tmp([], tmp_path))
     model = model.double().eval()
     probe = DEQProbe(model.deq)
-    x = torch.randn(2, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))  # 768 states
     with torch.no_grad():
         _, info = model(x, train_step=-1)
         unrolled = model(x, train_step=0)[1]
     assert unrolled["sradius"] is None
     torch.testing.assert_close(info["sradius"], probe.expected(0), rtol=1e-7, atol=0)
     assert info["sradius"].min() > 0.05
+
+
+def tool_reports_the_estimate(tool, cfg_path, task_name, overrides, tmp):
+    """Run ``tool`` on a fresh model's checkpoint with --results_name; its log line and CSV column must carry the
+    mean over the evaluated samples of the explicit-Jacobian power iteration (same model, batches, start vectors)."""
+    overrides = overrides + ["DEQ.SPECTRAL_RADIUS_MODE", "True", "TEST.MODEL_FILE", str(tmp / "model.pth")]
+    cfg = load_config(cfg_path, overrides)
+    task = get_task(task_name, cfg, full_test=True)
+    torch.manual_seed(cfg.SEED)
+    save_checkpoint(tmp / "model.pth", {"model": task.build_model().state_dict()})
+    proc = run([f"tools/{tool}", "--cfg", cfg_path, "--results_name", tmp / "rows.csv", *overrides], tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = SRADIUS_LINE.findall(proc.stdout)
+    (row,) = list(csv.DictReader((tmp / "rows.csv").open()))
+    # the tool's evaluation, repeated here with a probe on the DEQ layer (load_for_test seeds as the tool does)
+    model, loader = load_for_test(task, "test", DistInfo(0, 1, 0, torch.device("cpu")))
+    probe = DEQProbe(model.deq)
+    metrics = evaluate(task, model, loader, torch.device("cpu"), f_thres=eval_f_thres(cfg))
+    expected = torch.cat([probe.expected(i) for i in range(len(probe.calls))]).mean().item()
+    assert len(logged) == 1 and int(logged[0][0]) == metrics["count"]
+    assert float(logged[0][1]) == pytest.approx(expected, rel=1e-3)  # printed with 4 decimals
+    assert float(row["sradius"]) == pytest.approx(expected, rel=1e-4)
+    return float(row["sradius"])
+
+
+@needs_compat
+def test_lm_eval_logs_and_writes_the_spectral_radius(tmp_path):
+    shutil.copytree(COMPAT / "deq_transformer" / "corpus", tmp_path / "data" / "austen")
+    overrides = in_tmp(LM_TINY + ["LM.MAX_EVAL_STEPS", "2", "DEQ.F_THRES", "20"], tmp_path)
+    assert tool_reports_the_estimate("lm_eval.py", LM_CFG, "lm", overrides, tmp_path) > 0.05
+
+
+def test_cls_valid_logs_and_writes_the_spectral_radius(tmp_path):
+    write_fashion_mnist(tmp_path / "data", n_train=2, n_test=2)
+    overrides = in_tmp(TINY_OVERRIDES + ["TEST.BATCH_SIZE_PER_GPU", "1", "MODEL.IMAGE_SIZE", "[16, 16]"], tmp_path)
+    assert tool_reports_the_estimate("cls_valid.py", CLS_CFG, "cls", overrides, tmp_path) > 0.05
