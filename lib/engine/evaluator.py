@@ -65,6 +65,6 @@ def evaluate(task: Any, model: nn.Module, loader: DataLoader, device: torch.devi
     if with_sradius:
         metrics["sradius"] = sradius / with_sradius
         if is_main_process():  # as both originals log it
-            log.info("%s: spectral radius of df/dz at z* (power iteration, mean over %d samples): %.4f", desc,
-                     int(with_sradius), metrics["sradius"])
+            log.info("%s: spectral radius of df/dz at z* (power iteration, mean of the evaluation): %.4f", desc,
+                     metrics["sradius"])
     return metrics
