@@ -39,6 +39,10 @@ f(0; x) the cell is the predictor, so it gets both). The caller weights it and a
 state is kept in at least float32 (a predictor under autocast returns half precision). Without a graph (eval,
 ``torch.no_grad()``) the solve still starts from z0 and ``info["skip_loss"]`` is None.
 
+Spectral radius (``spectral_radius=True``, a diagnostic). ``info["sradius"]`` = per-sample |λ_max| of
+J = ∂f/∂z at the solver's z*, by 50 steps of power iteration on v ↦ vᵀJ (``deqlab.regularizers.spectral_radius``,
+50 VJPs on one graph of f); None when not asked for or at a fixed depth (no equilibrium), as in both originals.
+
 Phantom trajectory (``trajectory_every=k``, ``grad="phantom"``). ``info["trajectory"]`` lists every k-th of
 the damped phantom iterates, each with its graph, and always the last (which is the returned state): the
 fixed-point correction loss (``deqlab.losses.fixed_point_correction``, Geng et al. 2021 / torchdeq's
@@ -53,11 +57,17 @@ import torch
 from torch import Tensor, nn
 
 from deqlab.errors import ConfigError
-from deqlab.regularizers import jacobian_frobenius_loss
+from deqlab.regularizers import jacobian_frobenius_loss, spectral_radius as power_iteration
 from deqlab.solvers import get_solver
 
 States = Tensor | Sequence[Tensor]
 GRAD_MODES = ("ift", "phantom", "unrolled")
+
+
+def mean_spectral_radius(info: dict[str, Any]) -> float | None:
+    """The batch mean of ``info["sradius"]`` (a DEQ call's per-sample estimates); None when there is none."""
+    sradius = info.get("sradius")
+    return None if sradius is None else float(sradius.float().mean())
 
 
 @dataclass(frozen=True)
@@ -161,12 +171,14 @@ class DEQ(nn.Module):
         compute_jac_loss: bool = False,
         z0_predicted: bool = False,
         trajectory_every: int = 0,
+        spectral_radius: bool = False,
     ) -> tuple[States, dict[str, Any]]:
         """Return ``(z_star, info)``; ``fixed_depth=N`` applies f N times instead of solving.
 
         ``z0_predicted``: z0 comes from a predictor (Skip DEQ): start from ``z0.detach()`` and, when z0 has a
         graph, return ``info["skip_loss"]``. ``trajectory_every=k`` (phantom gradient): return every k-th
-        phantom iterate, and the last, in ``info["trajectory"]``.
+        phantom iterate, and the last, in ``info["trajectory"]``. ``spectral_radius``: ``info["sradius"]``, (B,)
+        estimates of ρ(∂f/∂z) at the equilibrium.
         """
         z0_flat, layout = pack(z0)
         predicted = None  # the predicted z0 with its graph, when there is one to regularise
@@ -187,7 +199,8 @@ class DEQ(nn.Module):
             with torch.autocast(device_type, dtype=amp_dtype, enabled=amp):
                 return pack(f(unpack(z, layout)), layout)[0].to(dtype)
 
-        info: dict[str, Any] = {"fwd": None, "bwd": {}, "jac_loss": None, "skip_loss": None, "trajectory": None}
+        info: dict[str, Any] = {"fwd": None, "bwd": {}, "jac_loss": None, "skip_loss": None, "trajectory": None,
+                                "sradius": None}
         graph = None  # (f(z*), z*) with autograd, when the ift gradient built it
         if fixed_depth is not None:
             z = z0_flat
@@ -212,6 +225,10 @@ class DEQ(nn.Module):
                 z_in = out.detach().requires_grad_()
                 graph = (f_flat(z_in), z_in)
             info["jac_loss"] = jacobian_frobenius_loss(*graph)
+        if spectral_radius and fixed_depth is None:
+            with torch.enable_grad():  # evaluation runs under no_grad; the VJPs need one graph of f at z*
+                z_in = z_star.detach().requires_grad_()
+                info["sradius"] = power_iteration(f_flat(z_in), z_in)
         return unpack(out, layout), info
 
     def _solve(self, f_flat: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int | None):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from deqlab.data.vision import IMAGENET_MEAN, IMAGENET_STD
+from deqlab.deq import mean_spectral_radius
 from deqlab.losses import upsample_to
 from deqlab.solvers.common import SolveSummary, mean_summary, solver_summary
 
@@ -76,9 +77,10 @@ def sliding_window(predict: Callable[[Tensor], Tensor], image: Tensor, crop_h: i
 def segment(model: nn.Module, image: Tensor, *, num_classes: int, crop_size: Sequence[int] | None,
             base_size: int | None, scales: Sequence[float] = (1.0,), flip: bool = False,
             f_thres: int | None = None, pad_value: Sequence[float] = IMAGENET_BLACK
-            ) -> tuple[Tensor, SolveSummary]:
-    """Logits (B, num_classes, H, W) of ``image`` (B, 3, H, W, normalised) at its own resolution, and the
-    mean forward solve summary (steps, f evaluations, final relative residual) over the model calls.
+            ) -> tuple[Tensor, SolveSummary, float | None]:
+    """Logits (B, num_classes, H, W) of ``image`` (B, 3, H, W, normalised) at its own resolution, the mean
+    forward solve summary (steps, f evaluations, final relative residual) over the model calls and their mean
+    spectral radius (None when the model computes none).
 
     For each scale the image is resized so that its long side is ``round(base_size * scale)`` (``base_size``
     None: the image's own long side), predicted with sliding windows of ``crop_size`` = (width, height)
@@ -90,6 +92,7 @@ def segment(model: nn.Module, image: Tensor, *, num_classes: int, crop_size: Seq
     height, width = image.shape[-2:]
     pad = torch.as_tensor(pad_value, dtype=image.dtype, device=image.device)
     summaries: list[SolveSummary] = []
+    sradii: list[float] = []
     shift: Tensor | None = None  # per-sample constant keeping exp() in range; cancels in the log at the end
 
     def logits_of(x: Tensor) -> Tensor:
@@ -97,6 +100,8 @@ def segment(model: nn.Module, image: Tensor, *, num_classes: int, crop_size: Seq
         if out.shape[1] != num_classes:
             raise ValueError(f"the model predicts {out.shape[1]} classes, expected num_classes={num_classes}")
         summaries.append(solver_summary(info["fwd"]))
+        if info.get("sradius") is not None:
+            sradii.append(mean_spectral_radius(info))
         return upsample_to(out.float(), x.shape[-2:], align_corners=True)  # as trained (see the docstring)
 
     def predict(x: Tensor) -> Tensor:
@@ -117,4 +122,4 @@ def segment(model: nn.Module, image: Tensor, *, num_classes: int, crop_size: Seq
         probs = upsample_to(probs, (height, width), align_corners=False)
         fused = probs if fused is None else fused + probs
     logits = (fused / len(scales)).log() + shift
-    return logits.float(), mean_summary(summaries)
+    return logits.float(), mean_summary(summaries), sum(sradii) / len(sradii) if sradii else None

@@ -255,3 +255,26 @@ def test_n_ranks_see_the_samples_of_one_process_with_n_times_the_batch(tmp_path)
         loader.sampler.set_epoch(2)
     for (_, y), (_, y0), (_, y1) in zip(single, *ranks):
         assert sorted(y.tolist()) == sorted(y0.tolist() + y1.tolist())
+
+
+# what each dataset's builder reads directly inside its folder (a file or a folder of that name)
+HELD = {"fashion_mnist": "FashionMNIST", "cifar10": "cifar-10-batches-py", "imagenet": "train",
+        "cityscapes": "leftImg8bit", "fashion_scenes": "fashion_scenes.json", "wikitext103": "train.txt",
+        "austen": "valid.txt"}
+
+
+@pytest.mark.parametrize("name", sorted(HELD))
+def test_a_root_holding_the_files_is_used_as_is_whatever_its_name(tmp_path, name):
+    from deqlab.data import DATASETS
+    assert set(HELD) == set(DATASETS)  # every dataset has its case here
+    sub = DATASETS[name][1]
+    holding, parent = tmp_path / "any name", tmp_path / "parent"
+    holding.mkdir()
+    if "." in HELD[name]:
+        (holding / HELD[name]).write_text("")
+    else:
+        (holding / HELD[name]).mkdir()
+    (parent / sub).mkdir(parents=True)
+    assert dataset_dir(make_cfg(holding, name)) == str(holding)
+    assert dataset_dir(make_cfg(parent, name)) == str(parent / sub)   # a parent folder: <ROOT>/<name>, as before
+    assert dataset_dir(make_cfg(tmp_path / "empty", name)) == str(tmp_path / "empty" / sub)

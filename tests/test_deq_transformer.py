@@ -163,3 +163,26 @@ def test_mixed_precision_keeps_the_equilibrium_in_float32():
     loss.float().mean().backward()
     assert mems[0].dtype == torch.float32 and info["fwd"]["nfe"] == 6  # the solver's state: float32
     assert torch.isfinite(info["fwd"]["rel_lowest"]).all() and model.func.pos_ff.ff1_net.weight_v.grad.abs().sum() > 0
+
+
+def test_evaluation_forward_follows_the_original_depth_rule(ref):
+    """The LM task's evaluation forward at train_step 0 (eval mode, pretraining) is the eval_n_layer = 6 stack of
+    the original's fixture; at a later pretraining step, the step every validation of train_transformer.py
+    runs at, it is the n_layer = 2 stack (``n_layer if self.training or train_step > 0 else eval_n_layer``)."""
+    from deqlab.config import load_config
+    from deqlab.tasks import get_task
+    from test_lm_engine import CFG, unrolled_loss
+
+    task = get_task("lm", load_config(CFG))
+    model = conditioned().eval()
+    x = (ref["data_seg1"], ref["target_seg1"])
+    with torch.no_grad():
+        task.start_pass(train=False)
+        at_0, summary, sradius = task.predict(model, x, f_thres=None, train_step=0)
+        task.start_pass(train=False)
+        at_5 = task.predict(model, x, f_thres=None, train_step=5)[0]
+        two_cells = unrolled_loss(model, *x, 2)
+    assert torch.allclose(at_0, ref["loss_unrolled_seg1"], atol=1e-10, rtol=0)
+    assert tuple(summary) == (0.0, 0.0, 0.0) and sradius is None  # no solver ran
+    assert at_5.mean().item() == pytest.approx(two_cells, rel=1e-12)
+    assert abs(two_cells - ref["loss_unrolled_seg1"].mean().item()) > 1e-3

@@ -161,3 +161,69 @@ def test_checkpoint_of_another_vocabulary(lm_run):
                 "TEST.MODEL_FILE", tmp / "ok.pth"], tmp)
     assert_one_line_error(proc, "1680-token vocabulary", "[200, 300, 500, 680]", "CUTOFFS")
     assert other.MODEL.TRANSFORMER.CUTOFFS == [100, 500, 1000]
+
+
+def tb_scalars(tb_dir):
+    """{tag: [(step, value)]} from the tensorboardX event files under ``tb_dir`` (TFRecord framing: length,
+    its CRC, the Event proto, its CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    scalars = {}
+    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def unrolled_loss(model, data, target, depth):
+    """The mean NLL of one segment (no memory) through ``depth`` explicit applications of the cell from z = 0."""
+    from deqlab.layers import reset_per_forward
+    reset_per_forward(model)
+    qlen, bsz = data.shape
+    u = model.injection(data)
+    pos_emb = model.pos_emb(torch.arange(qlen - 1, -1, -1.0))
+    empty, z = u.new_zeros(bsz, model.d_model, 0), u.new_zeros(bsz, model.d_model, qlen)
+    for _ in range(depth):
+        z = model.func(z, u, empty, pos_emb)
+    return model.crit(z.permute(2, 0, 1).reshape(-1, model.d_model), target.reshape(-1)).mean().item()
+
+
+def test_validation_while_pretraining_evaluates_the_unrolled_stack(lm_run, caplog):
+    """As locuslab/deq's train_transformer.py: evaluate() passes the current train_step (>= 1), so while
+    pretraining the model unrolls n_layer (the eval_n_layer branch needs train_step 0); the best weights are
+    chosen on that number. After pretraining: the equilibrium, with the spectral radius when asked for."""
+    overrides, tmp = lm_run
+    overrides = overrides + ["TRAIN.PRETRAIN_STEPS", "4", "TRAIN.EVAL_INTERVAL", "3", "LM.MAX_EVAL_STEPS", "1",
+                             "MODEL.TRANSFORMER.EVAL_N_LAYER", "5", "DEQ.SPECTRAL_RADIUS_MODE", "True",
+                             "MODEL.TRANSFORMER.PRE_LNORM", "True"]  # pre-LN: the depth shows in the loss
+    cfg = load_config(CFG, overrides + ["TRAIN.MAX_STEP", "3"])
+    trainer = Trainer(cfg, CFG, task="lm")
+    trainer.fit()  # one validation, at step 3 < PRETRAIN_STEPS: it made the best weights
+    metrics = load_checkpoint(trainer.files.best)["metrics"]
+    task = get_task("lm", cfg)
+    model = task.build_model().eval()
+    model.load_state_dict(load_checkpoint(trainer.files.best)["model"])
+    (data, target), _ = next(iter(task.build_loader("test", distributed=False)))
+    with torch.no_grad():
+        depth2, depth5 = unrolled_loss(model, data, target, 2), unrolled_loss(model, data, target, 5)
+        equilibrium = model(data, target, train_step=-1)[0].mean().item()
+    assert metrics["loss"] == pytest.approx(depth2, rel=1e-6, abs=0)
+    # what was measured is that depth: the others differ by > 10x the match's tolerance (~8e-6 here)
+    assert abs(depth2 - depth5) > 1e-4 and abs(depth2 - equilibrium) > 1e-4
+    assert "sradius" not in metrics and metrics["fwd_steps"] == 0  # no equilibrium: no solver, no radius
+
+    resumed = Trainer(load_config(CFG, overrides + ["TRAIN.MAX_STEP", "6", "TRAIN.RESUME", "True"]), CFG, task="lm")
+    with caplog.at_level("INFO", logger="deqlab"):
+        resumed.fit()  # validation at step 6 >= PRETRAIN_STEPS: the equilibrium
+    scalars = tb_scalars(resumed.files.tb_dir)
+    assert [step for step, _ in scalars["valid/loss"]] == [3, 6] and scalars["valid/fwd_steps"][1] == (6, 6.0)
+    ((step, sradius),) = scalars["valid/sradius"]
+    assert step == 6 and sradius > 0.05
+    assert f"valid: spectral radius of df/dz at z* (power iteration, mean of the evaluation): {sradius:.4f}" \
+        in caplog.text

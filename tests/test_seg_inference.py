@@ -44,7 +44,8 @@ def image(h, w, batch=2, seed=0):
 
 def run(model, x, crop=None, **kw):
     kw.setdefault("base_size", None)
-    return segment(model, x, num_classes=C, crop_size=crop, f_thres=5, **kw)
+    logits, summary, _ = segment(model, x, num_classes=C, crop_size=crop, f_thres=5, **kw)
+    return logits, summary
 
 
 @pytest.mark.parametrize("h,w,crop", [(13, 22, (9, 7)), (7, 9, (12, 10)), (10, 30, (12, 16))])
@@ -188,7 +189,7 @@ def test_a_model_with_a_receptive_field_gets_the_originals_prediction(h, w, crop
     conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, C, 3, padding=1), nn.AvgPool2d(4))
     model = lambda x, train_step=-1, f_thres=None: (3 * conv(x), {"fwd": None})  # noqa: E731
     x = image(h, w, batch=1)
-    ours, _ = segment(model, x, num_classes=C, crop_size=crop, base_size=base_size, scales=scales, flip=flip,
-                      f_thres=5)
+    ours, _, _ = segment(model, x, num_classes=C, crop_size=crop, base_size=base_size, scales=scales, flip=flip,
+                         f_thres=5)
     expected = (original_procedure(model, x, crop[1], crop[0], base_size, scales, flip) / len(scales)).log()
     torch.testing.assert_close(ours, expected.float(), rtol=1e-5, atol=1e-5)

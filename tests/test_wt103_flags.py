@@ -1,10 +1,12 @@
 """scripts/wt103_deq_transformer.sh: the original script's flags land on the right config keys and tools."""
+import os
 import shlex
+import shutil
 import subprocess
 
 import pytest
 
-from conftest import REPO
+from conftest import COMPAT, REPO, needs_compat
 from deqlab.config import load_config
 from deqlab.engine.wt103_flags import commands
 from deqlab.errors import ConfigError
@@ -16,6 +18,7 @@ ORIGINAL_TRAIN = ("train --cuda --data ./data/wikitext-103/ --dataset wt103 --ad
                   "--eval-interval 5000 --max_step 300000 --tgt_len 150 --mem_len 150 --eval_tgt_len 150 --wnorm "
                   "--f_solver anderson --b_solver broyden --stop_mode rel --f_thres 30 --b_thres 35 "
                   "--jac_loss_weight 0.0 --jac_loss_freq 0.0 --jac_incremental 0 --batch_size 56 --gpu0_bsz 14")
+QUICKSTART = "experiments/austen/deq_transformer_quickstart.yaml"
 # the seeds' test-time sweep command (one budget)
 ORIGINAL_EVAL = ("train --data wikitext-103/ --load pretrained_wt103_deqtrans_v3.pkl --name eval_18 --eval --mem_len 300 "
                  "--f_thres 18 --f_eps 1e-7 --f_solver broyden --pretrain_step 0 --debug --results_file res.csv")
@@ -89,3 +92,19 @@ def test_script_refuses_unknown_flags_in_one_line():
     proc = subprocess.run(["bash", "scripts/wt103_deq_transformer.sh", "train", "--f_thresh", "30"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--f_thresh" in proc.stderr
+
+
+@needs_compat
+def test_script_trains_on_a_data_folder_of_any_name(tmp_path):
+    """--data DIR is the folder holding {train,valid,test}.txt, as in the original (not DIR/wikitext-103)."""
+    from test_lm_engine import LM_TINY
+    corpus = tmp_path / "Persuasion text"
+    shutil.copytree(COMPAT / "deq_transformer" / "corpus", corpus)
+    proc = subprocess.run(["bash", "scripts/wt103_deq_transformer.sh", "train", "--cfg", QUICKSTART, *LM_TINY,
+                           "--data", str(corpus), "--dataset", "wt103", "--max_step", "2", "--eval-interval", "2",
+                           "--work_dir", str(tmp_path / "LM-TFM"), "--name", "run"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test split, best weights" in proc.stdout
+    assert (corpus / "deqlab_lm_cache.pt").is_file()  # the corpus was read there
+    assert (tmp_path / "LM-TFM" / "run" / "wikitext103" / "deq_transformer_quickstart" / "final_state.pth").is_file()

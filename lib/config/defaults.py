@@ -109,7 +109,8 @@ allow("MODEL.EXTRA.FULL_STAGE", NUM_MODULES=unused(choice(1)), NUM_BRANCHES=inte
 # The DEQ-Transformer language model (MODEL.NAME deq_transformer; locuslab/deq DEQ-Sequence). Its unrolled
 # pretraining depth is MODEL.NUM_LAYERS (--n_layer), its hidden dropout MODEL.DROPOUT, weight norm MODEL.WNORM.
 _C.MODEL.TRANSFORMER = CN()
-_C.MODEL.TRANSFORMER.EVAL_N_LAYER = 24   # unrolled depth at evaluation while pretraining (--eval_n_layer)
+_C.MODEL.TRANSFORMER.EVAL_N_LAYER = 24   # unrolled depth of an eval-mode forward at train_step 0 (--eval_n_layer);
+                                         # validations while pretraining run at steps >= 1: NUM_LAYERS (original)
 _C.MODEL.TRANSFORMER.N_HEAD = 10
 _C.MODEL.TRANSFORMER.D_HEAD = 70
 _C.MODEL.TRANSFORMER.D_MODEL = 700
@@ -154,7 +155,8 @@ _C.DEQ.B_SOLVER_MEMORY = 0     # ours: the same for the backward solver
 _C.DEQ.RAND_F_THRES_DELTA = 2  # MDEQ: iterations that add the Jacobian loss get F_THRES + a random -delta..+1
                                # forward steps, others F_THRES (locuslab/mdeq); the DEQ-Transformer: every
                                # iteration gets F_THRES - U{0..delta} (locuslab/deq). Never below 1.
-_C.DEQ.SPECTRAL_RADIUS_MODE = False  # estimate the Jacobian's spectral radius at z* in eval (diagnostic)
+_C.DEQ.SPECTRAL_RADIUS_MODE = False  # estimate rho(df/dz) at z* at every evaluation (50 VJPs per batch): logged,
+                                     # tensorboard valid/sradius, CSV column sradius (diagnostic)
 _C.DEQ.GRAD = "ift"            # ours: "ift" (implicit), "phantom" or "unrolled"
 _C.DEQ.PHANTOM_STEPS = 5       # ours: k of the phantom gradient
 _C.DEQ.PHANTOM_TAU = 0.5       # ours: damping tau of the phantom gradient

@@ -5,23 +5,25 @@
 epoch; the test split sharded over ranks without padding).
 
 Where the files live: ``dataset_dir(cfg)`` is ``<DATA_DIR>/<DATASET.ROOT>/<name>`` (``DATA_DIR`` only
-prefixes a relative ROOT), except that a ROOT already ending in the dataset's folder name is used as is, so
-the locuslab/mdeq style ``ROOT: data/cifar10/`` and ``ROOT: data/`` both give ``data/cifar10``; an ImageNet
-ROOT that itself holds ``<TRAIN_SET>``/``<TEST_SET>`` (folders or ``.rec``) is used as is, whatever its name
-(``run_mdeq.sh --data /datasets/ILSVRC2012``).
+prefixes a relative ROOT), except that a ROOT already ending in the dataset's folder name, or one that itself
+holds the dataset's files, is used as is, whatever its name: the locuslab/mdeq style ``ROOT: data/cifar10/``
+and ``ROOT: data/`` both give ``data/cifar10``, an ImageNet ROOT holding ``<TRAIN_SET>``/``<TEST_SET>``
+(folders or ``.rec``) is the ImageNet folder (``run_mdeq.sh --data /datasets/ILSVRC2012``), and a ROOT holding
+``train.txt``/``valid.txt``/``test.txt`` is the corpus folder (locuslab/deq's ``--data DIR``). What "holds the
+files" means per dataset is the third entry of ``DATASETS``.
 Missing files raise :class:`deqlab.errors.DatasetError`; nothing is downloaded unless
 ``DEQLAB_ALLOW_DOWNLOAD=1``.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from deqlab.data.fashion_scenes import build_fashion_scenes
+from deqlab.data.fashion_scenes import META as FASHION_SCENES_META, build_fashion_scenes
 from deqlab.data.segmentation import build_segmentation
 from deqlab.data.imagenet import build_imagenet, holds_imagenet
 from deqlab.data.vision import build_cifar10, build_fashion_mnist, image_hw
@@ -29,17 +31,25 @@ from deqlab.errors import ConfigError, DatasetError
 
 __all__ = ["DATASETS", "build_dataset", "build_loader", "dataset_dir", "set_epoch", "subsample", "image_hw"]
 
-# name -> (builder(cfg, folder, split, augment), folder name under DATASET.ROOT)
-DATASETS: dict[str, tuple[Callable, str]] = {
-    "fashion_mnist": (build_fashion_mnist, "fashion_mnist"),
-    "cifar10": (build_cifar10, "cifar10"),
-    "imagenet": (build_imagenet, "imagenet"),
+Holds = Callable[[Any, str], bool]  # (cfg, root) -> whether root itself is the dataset's folder
+
+
+def _holds(*names: str) -> Holds:
+    """A root holds the dataset when one of ``names`` (what the builder reads) is in it."""
+    return lambda cfg, root: any(os.path.exists(os.path.join(root, n)) for n in names)
+
+
+# name -> (builder(cfg, folder, split, augment), folder name under DATASET.ROOT, holds(cfg, root))
+DATASETS: dict[str, tuple[Callable | None, str, Holds]] = {
+    "fashion_mnist": (build_fashion_mnist, "fashion_mnist", _holds("FashionMNIST")),
+    "cifar10": (build_cifar10, "cifar10", _holds("cifar-10-batches-py")),
+    "imagenet": (build_imagenet, "imagenet", holds_imagenet),
     # segmentation (deqlab.data.segmentation): items (image (3, H, W), label (H', W') int64)
-    "cityscapes": (build_segmentation, "cityscapes"),
-    "fashion_scenes": (build_fashion_scenes, "fashion_scenes"),
+    "cityscapes": (build_segmentation, "cityscapes", _holds("leftImg8bit", "gtFine")),
+    "fashion_scenes": (build_fashion_scenes, "fashion_scenes", _holds(FASHION_SCENES_META)),
     # language modelling (deqlab.data.lm, read by the lm task): {train,valid,test}.txt
-    "wikitext103": (None, "wikitext-103"),
-    "austen": (None, "austen"),
+    "wikitext103": (None, "wikitext-103", _holds("train.txt", "valid.txt", "test.txt")),
+    "austen": (None, "austen", _holds("train.txt", "valid.txt", "test.txt")),
 }
 SPLITS = ("train", "test")
 
@@ -64,12 +74,12 @@ def _check_imagenet_options(cfg) -> None:
 
 def dataset_dir(cfg) -> str:
     """The folder holding this dataset's files (see the module docstring)."""
-    _, (_, sub) = _lookup(cfg)
+    _, (_, sub, holds) = _lookup(cfg)
     root = os.path.expanduser(str(cfg.DATASET.ROOT))
     if cfg.DATA_DIR and not os.path.isabs(root):
         root = os.path.join(os.path.expanduser(str(cfg.DATA_DIR)), root)
     root = os.path.normpath(root)
-    if os.path.basename(root) == sub or (sub == "imagenet" and holds_imagenet(cfg, root)):
+    if os.path.basename(root) == sub or holds(cfg, root):
         return root
     return os.path.join(root, sub)
 
@@ -99,7 +109,7 @@ def build_dataset(cfg, split: str, augment: bool | None = None) -> Dataset:
     percent = float(cfg.PERCENT)
     if not (0.0 < percent <= 1.0):  # checked before touching the disk
         raise DatasetError(f"PERCENT must be in (0, 1], got {cfg.PERCENT}")
-    name, (builder, _) = _lookup(cfg)
+    name, (builder, _, _) = _lookup(cfg)
     if builder is None:
         raise ConfigError(f"DATASET.DATASET {name} is a text corpus: train on it with tools/lm_train.py")
     _check_imagenet_options(cfg)

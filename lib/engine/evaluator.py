@@ -3,6 +3,7 @@ residuals, summed over ranks."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Callable
 
 import torch
@@ -15,6 +16,7 @@ from deqlab.solvers.common import solver_summary
 from deqlab.utils.dist import all_reduce_sum, is_main_process, to_device
 
 __all__ = ["autocast_context", "eval_f_thres", "evaluate", "solver_summary"]
+log = logging.getLogger("deqlab")
 
 
 def eval_f_thres(cfg: Any) -> int:
@@ -34,27 +36,36 @@ def autocast_context(cfg: Any, device: torch.device) -> contextlib.AbstractConte
 
 @torch.no_grad()
 def evaluate(task: Any, model: nn.Module, loader: DataLoader, device: torch.device, f_thres: int | None = None,
-             desc: str = "valid", on_batch: Callable[[int, Tensor], None] | None = None) -> dict[str, Any]:
-    """``task``'s metrics of ``model`` in eval mode (the DEQ solved to equilibrium) over every rank's shard,
-    plus ``loss``, ``fwd_steps`` (solver steps), ``fwd_nfe`` (f evaluations), ``fwd_residual`` (means per sample)
-    and ``count``. ``on_batch(i, output)`` sees every batch's output (e.g. to save predictions)."""
+             desc: str = "valid", on_batch: Callable[[int, Tensor], None] | None = None,
+             train_step: int = -1) -> dict[str, Any]:
+    """``task``'s metrics of ``model`` in eval mode over every rank's shard, plus ``loss``, ``fwd_steps`` (solver
+    steps), ``fwd_nfe`` (f evaluations), ``fwd_residual`` (means per sample), ``count`` and, when the model
+    estimates it (``DEQ.SPECTRAL_RADIUS_MODE``), ``sradius`` (mean per sample; also logged). ``on_batch(i,
+    output)`` sees every batch's output (e.g. to save predictions). ``train_step``: the training step evaluated
+    at (``Task.predict``; -1: after training)."""
     model.eval()
     task.start_pass(train=False)
     meter = task.new_meter(device)
-    sums = torch.zeros(5, dtype=torch.float64)  # loss·n, n, steps·n, nfe·n, residual·n
+    sums = torch.zeros(7, dtype=torch.float64)  # loss·n, n, steps·n, nfe·n, residual·n, sradius·n, n with a sradius
     for i, (x, y) in enumerate(tqdm(loader, desc=desc, leave=False, disable=not is_main_process(),
                                     dynamic_ncols=True)):
         x, y = to_device(x, device), y.to(device, non_blocking=True)
         with autocast_context(task.cfg, device):
-            output, solve = task.predict(model, x, f_thres)
+            output, solve, sradius = task.predict(model, x, f_thres, train_step)
         output = output.float()
         n = len(y)
-        sums += torch.tensor([task.loss(output, y).item() * n, n, solve.steps * n, solve.nfe * n, solve.residual * n],
-                             dtype=torch.float64)
+        sums += torch.tensor([task.loss(output, y).item() * n, n, solve.steps * n, solve.nfe * n, solve.residual * n,
+                              (sradius or 0.0) * n, n if sradius is not None else 0], dtype=torch.float64)
         meter.update(output, y)
         if on_batch is not None:
             on_batch(i, output)
-    loss, count, steps, nfe, residual = all_reduce_sum(sums.to(device)).cpu().tolist()
+    loss, count, steps, nfe, residual, sradius, with_sradius = all_reduce_sum(sums.to(device)).cpu().tolist()
     count = max(count, 1.0)
-    return {**meter.result(), "loss": loss / count, "fwd_steps": steps / count, "fwd_nfe": nfe / count,
-            "fwd_residual": residual / count, "count": int(count)}
+    metrics = {**meter.result(), "loss": loss / count, "fwd_steps": steps / count, "fwd_nfe": nfe / count,
+               "fwd_residual": residual / count, "count": int(count)}
+    if with_sradius:
+        metrics["sradius"] = sradius / with_sradius
+        if is_main_process():  # as both originals log it
+            log.info("%s: spectral radius of df/dz at z* (power iteration, mean of the evaluation): %.4f", desc,
+                     metrics["sradius"])
+    return metrics

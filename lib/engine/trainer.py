@@ -246,7 +246,8 @@ class Trainer:
     def validate(self, train: dict[str, float]) -> dict[str, float]:
         """Evaluate, log, and (rank 0) write the resume checkpoint and, if it improved, the best weights."""
         self.precise_bn()
-        metrics = evaluate(self.task, self.net, self.test_loader, self.device, f_thres=eval_f_thres(self.cfg))
+        metrics = evaluate(self.task, self.net, self.test_loader, self.device, f_thres=eval_f_thres(self.cfg),
+                           train_step=self.step)
         observe_validation(self.scheduler, metrics["loss"])
         train_text = " ".join(f"{k} {v:.4g}" for k, v in train.items() if k not in TRAIN_STATS or k == "loss")
         log.info("epoch %d/%d step %d  train %s  |  test %s  |  solver steps %.1f f evals %.1f residual %.2e  |  %.0fs",
@@ -307,7 +308,8 @@ class Trainer:
         if frozen:
             self.cfg.freeze()
         loader = self.task.build_loader("test", distributed=self.dist.distributed)
-        metrics = evaluate(self.task, self.net, loader, self.device, f_thres=eval_f_thres(self.cfg), desc=split)
+        metrics = evaluate(self.task, self.net, loader, self.device, f_thres=eval_f_thres(self.cfg), desc=split,
+                           train_step=self.step)
         log.info("%s split, best weights (%s): %s  |  solver steps %.1f f evals %.1f residual %.2e", split,
                  self.files.best, self.task.describe(metrics), metrics["fwd_steps"], metrics["fwd_nfe"],
                  metrics["fwd_residual"])

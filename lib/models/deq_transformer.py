@@ -9,8 +9,10 @@ position-wise feed-forward; post-LN by default, pre-LN with ``pre_lnorm``. Layou
 original so its state_dicts (the released WT103 checkpoint included) load unchanged.
 
 The equilibrium, its implicit / phantom / unrolled gradient, the solvers and the Jacobian regulariser are those
-of ``deqlab.DEQ``. For the first ``pretrain_steps`` training steps the cell is instead unrolled ``n_layer`` times
-(``eval_n_layer`` times in eval mode), as the original pretrains.
+of ``deqlab.DEQ``. For ``0 <= train_step < pretrain_steps`` the cell is instead unrolled, as the original
+pretrains: ``n_layer`` times, or ``eval_n_layer`` times in eval mode at ``train_step`` 0 (the original's rule,
+``n_layer if self.training or train_step > 0 else eval_n_layer``). Its training script validates with the
+current step (>= 1), i.e. the ``n_layer`` stack while pretraining, and so does ``deqlab``'s trainer.
 
 Dropout is variational: one mask per forward pass, the same at every solver step (``deqlab.layers``).
 """
@@ -25,7 +27,6 @@ from torch import Tensor, nn
 from deqlab.deq import DEQ
 from deqlab.layers import CellRunner, SequenceDropout, WeightNormConv1d, WeightNormLinear, reset_per_forward
 from deqlab.models.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, tie_adaptive
-from deqlab.regularizers import spectral_radius
 from deqlab.solvers import memory_options
 
 Mems = list[Tensor]  # [z (mlen, bsz, d_model), u (mlen, bsz, 3 d_model)]
@@ -230,12 +231,8 @@ class DEQTransformerLM(nn.Module):
         # the state in the parameters' dtype (float32 under autocast too): the solver's residuals need it
         z0 = torch.zeros(bsz, self.d_model, qlen, dtype=self.inject_conv.weight.dtype, device=u.device)
         z, info = self.deq(f, z0, f_max_iter=f_thres, fixed_depth=depth,
-                           compute_jac_loss=compute_jac_loss and not pretraining)
-        info["sradius"] = None
-        if self.spectral_radius_mode and not self.training and not pretraining:
-            with torch.enable_grad():
-                z_in = z.detach().requires_grad_()
-                info["sradius"] = spectral_radius(f(z_in), z_in)
+                           compute_jac_loss=compute_jac_loss and not pretraining,
+                           spectral_radius=self.spectral_radius_mode and not self.training)
         new_mems = self.update_mems(z, us, z_mem)
         hidden = self.iodrop_out(z).permute(2, 0, 1)[-target.shape[0]:]  # (tgt_len, bsz, d_model)
         loss = self.crit(hidden.reshape(-1, self.d_model), target.reshape(-1)).view(target.shape[0], -1)

@@ -29,16 +29,15 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from deqlab.deq import DEQ, pack, unpack
+from deqlab.deq import DEQ
 from deqlab.errors import ConfigError
 from deqlab.layers import CellRunner, VariationalDropout2d, WeightNormConv2d, conv3x3, reset_per_forward
 from deqlab.losses import Trajectory
-from deqlab.regularizers import spectral_radius
 from deqlab.solvers import memory_options
 
 BN_MOMENTUM = 0.1
@@ -321,19 +320,10 @@ class MDEQBackbone(nn.Module):
         unrolled = self.all_unrolled or 0 <= train_step < self.pretrain_steps
         z, info = self.deq(f, z0, f_max_iter=f_thres, fixed_depth=self.num_layers if unrolled else None,
                            compute_jac_loss=compute_jac_loss and self.training, z0_predicted=self.skip != "none",
-                           trajectory_every=self.fpc_gap if self.training else 0)
+                           trajectory_every=self.fpc_gap if self.training else 0,
+                           spectral_radius=self.spectral_radius_mode and not self.training)
         if self.skip == "skipreg" and info["fwd"] is not None:  # count the f evaluation that made z0
             info["fwd"] = {**info["fwd"], "nfe": info["fwd"]["nfe"] + 1, "init_nfe": 1}
         info["aux_loss"] = None if info["skip_loss"] is None else self.skip_weight * info["skip_loss"]
         info["unrolled"] = unrolled
-        info["sradius"] = None
-        if self.spectral_radius_mode and not self.training:
-            info["sradius"] = self._spectral_radius(f, z)
         return z, info
-
-    def _spectral_radius(self, f: Callable[[list[Tensor]], list[Tensor]], z: list[Tensor]) -> Tensor:
-        with torch.enable_grad():
-            flat, layout = pack([t.detach() for t in z])
-            flat.requires_grad_()
-            fz, _ = pack(f(unpack(flat, layout)), layout)
-            return spectral_radius(fz, flat)

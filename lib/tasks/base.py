@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from deqlab.checkpoint import load_weights
 from deqlab.data import build_loader
 from deqlab.losses import Trajectory, fixed_point_correction
+from deqlab.deq import mean_spectral_radius
 from deqlab.solvers.common import SolveSummary, solver_summary
 from deqlab.models import build_model
 from deqlab.utils.dist import all_reduce_sum
@@ -106,10 +107,14 @@ class Task:
         """Cheap per-batch numbers for the progress bar and tensorboard (e.g. accuracy)."""
         return {}
 
-    def predict(self, model: nn.Module, x: Tensor, f_thres: int | None) -> tuple[Tensor, SolveSummary]:
-        """The evaluation forward: the output and the forward solve's summary (steps, f evaluations, residual)."""
+    def predict(self, model: nn.Module, x: Tensor, f_thres: int | None, train_step: int = -1
+                ) -> tuple[Tensor, SolveSummary, float | None]:
+        """The evaluation forward: the output, the forward solve's summary (steps, f evaluations, residual) and
+        the batch's mean spectral radius at z* (None unless ``DEQ.SPECTRAL_RADIUS_MODE``). ``train_step`` is the
+        training step the evaluation happens at; the image tasks ignore it and always solve for the equilibrium,
+        as locuslab/mdeq's validation does (train_step=-1, even while pretraining)."""
         output, info = model(x, train_step=-1, f_thres=f_thres)
-        return output, solver_summary(info["fwd"])
+        return output, solver_summary(info["fwd"]), mean_spectral_radius(info)
 
     def new_meter(self, device: torch.device) -> Meter:
         raise NotImplementedError

@@ -22,6 +22,7 @@ from torch import distributed as dist
 from deqlab.checkpoint import load_checkpoint, load_weights, state_dict_of
 from deqlab.data import dataset_dir
 from deqlab.data.lm import Corpus, LMOrderedIterator, load_corpus
+from deqlab.deq import mean_spectral_radius
 from deqlab.errors import CheckpointError, ConfigError
 from deqlab.models import build_model
 from deqlab.solvers.common import SolveSummary, solver_summary
@@ -106,10 +107,14 @@ class LanguageModelTask(Task):
         self.mems[True] = [m.detach() for m in mems]
         return loss, info
 
-    def predict(self, model: nn.Module, x: Any, f_thres: int | None) -> tuple[Tensor, SolveSummary]:
+    def predict(self, model: nn.Module, x: Any, f_thres: int | None, train_step: int = -1
+                ) -> tuple[Tensor, SolveSummary, float | None]:
+        """As locuslab/deq's ``evaluate``, the model gets the training step: during pretraining (``0 <= train_step
+        < TRAIN.PRETRAIN_STEPS``) it evaluates the unrolled stack, else the equilibrium (see DEQTransformerLM)."""
         data, target = x
-        loss, self.mems[False], info = model(data, target, mems=self.mems[False], train_step=-1, f_thres=f_thres)
-        return loss, solver_summary(info["fwd"])
+        loss, self.mems[False], info = model(data, target, mems=self.mems[False], train_step=train_step,
+                                             f_thres=f_thres)
+        return loss, solver_summary(info["fwd"]), mean_spectral_radius(info)
 
     def start_pass(self, train: bool) -> None:
         self.mems[train] = None

@@ -64,7 +64,8 @@ class SegmentationTask(Task):
         valid = target != self.cfg.TRAIN.IGNORE_LABEL
         return {"pixel_acc": 100 * ((pred == target) & valid).sum().item() / max(valid.sum().item(), 1)}
 
-    def predict(self, model: nn.Module, x: Tensor, f_thres: int | None) -> tuple[Tensor, SolveSummary]:
+    def predict(self, model: nn.Module, x: Tensor, f_thres: int | None, train_step: int = -1
+                ) -> tuple[Tensor, SolveSummary, float | None]:
         if not self.full_test:
             return super().predict(model, x, f_thres)
         t = self.cfg.TEST
