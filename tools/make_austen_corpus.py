@@ -4,18 +4,23 @@ Reads Debian's ``r-cran-janeaustenr`` (downloaded with ``apt-get download`` into
 ``--deb PATH``, or an extracted ``--rdata-dir .../janeaustenr/data``) and writes ``data/austen/{train,valid,
 test}.txt`` plus ``stats.json`` and ``README.md``; train = Emma, Mansfield Park, Pride and Prejudice, Sense and
 Sensibility, valid = Northanger Abbey, test = Persuasion. Format: ``lib/data/austen.py``. Needs PyPI ``rdata``.
+
+Example::
+
+    python tools/make_austen_corpus.py --out data/austen
 """
 import argparse
 from pathlib import Path
 
 from deqlab.data.austen import build_corpus, load_novels
 from deqlab.engine.cli import run_tool
+from deqlab.utils.tool_help import help_format
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(**help_format(__doc__))
     parser.add_argument("--out", default=str(REPO / "data" / "austen"), help="output folder (default: data/austen)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--deb", help="a downloaded r-cran-janeaustenr_*.deb (skips apt-get)")
