@@ -6,8 +6,9 @@ for _arg in "$@"; do
   if [ "$_arg" = --help ] || [ "$_arg" = -h ]; then
     awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"
     echo
-    echo "config keys: every KEY of the KEY VALUE overrides and of the --cfg YAMLs is listed, with the values it accepts,"
-    echo "in lib/config/defaults.py (installed as deqlab/config/defaults.py)"
+    # the same epilog as the Python tools' --help (deqlab/utils/tool_help.py)
+    printf '%s\n' "config keys: every KEY of the KEY VALUE overrides and of the --cfg YAMLs is listed, with the values" \
+      "it accepts, in lib/config/defaults.py (installed as deqlab/config/defaults.py)"
     [ -n "${HELP_CONTINUES:-}" ] || exit 0
     break
   fi

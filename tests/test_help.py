@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from deqlab.utils.tool_help import CONFIG_KEYS_EPILOG
 
 TOOLS = sorted(REPO.glob("tools/*.py"))
 SCRIPTS = sorted(p for p in REPO.glob("scripts/*.sh") if not p.name.startswith("_"))  # _help.sh is sourced
@@ -45,7 +46,7 @@ def test_tool_help_prints_the_whole_docstring_an_example_and_the_config_keys_doc
     for line in doc.replace("``", "`").replace("::", ":").splitlines():
         assert line.strip() in out, f"{tool.name} --help lacks the docstring line {line.strip()!r}"
     check_example(out, f"tools/{tool.name}")
-    assert CONFIG_KEYS_DOC in out
+    assert CONFIG_KEYS_EPILOG in out and CONFIG_KEYS_DOC in CONFIG_KEYS_EPILOG
     assert (REPO / CONFIG_KEYS_DOC).is_file()
     if tool.stem.startswith(("seg_", "lm_")):  # --cfg used to suggest a CIFAR file to every tool
         assert "cifar" not in out.lower()
@@ -85,7 +86,7 @@ def test_script_help_prints_its_header_and_installs_nothing(script, pip_tripwire
     for line in header:
         assert line in run.stdout, f"{script.name} --help lacks its header line {line!r}"
     check_example(run.stdout, f"scripts/{script.name}")
-    assert CONFIG_KEYS_DOC in run.stdout
+    assert CONFIG_KEYS_EPILOG in run.stdout  # the tools' words, from the shell helper
     assert not (tmp_path / "output").exists() and not list(tmp_path.glob("*.csv"))  # nothing ran
 
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+# scripts/_help.sh prints the same two lines after a script's header
 CONFIG_KEYS_EPILOG = ("config keys: every KEY of the KEY VALUE overrides and of the --cfg YAMLs is listed, with the "
-                      "values it accepts,\nin lib/config/defaults.py (installed as deqlab/config/defaults.py)")
+                      "values\nit accepts, in lib/config/defaults.py (installed as deqlab/config/defaults.py)")
 
 
 def help_format(doc: str) -> dict:
