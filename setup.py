@@ -16,6 +16,7 @@ setup(
         "bench": ["torchdeq==0.1.0", "termcolor"],  # termcolor: imported by the original MDEQ code (compare_original.py)
         "plot": ["matplotlib>=3.7"],
         "lm": ["rdata>=1.0"],
+        "tb": ["tensorboard>=2.12"],  # only to view the event files (tensorboardX writes them)
         # NVIDIA DALI loaders (DATASET.LOADER dali); the CUDA 13 build, which also runs CPU-only pipelines.
         # For CUDA 12 drivers install nvidia-dali-cuda120 instead.
         "dali": ["nvidia-dali-cuda130>=2.0"],

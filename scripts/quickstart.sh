@@ -3,7 +3,9 @@
 #   bash scripts/quickstart.sh [KEY VALUE ...]       classification on Fashion-MNIST (the default)
 #   bash scripts/quickstart.sh seg [KEY VALUE ...]   segmentation on the generated Fashion-MNIST scenes
 #   bash scripts/quickstart.sh lm [KEY VALUE ...]    DEQ-Transformer language model on Jane Austen's novels
+# Example: bash scripts/quickstart.sh TRAIN.END_EPOCH 2   (the classifier, two epochs instead of four)
 set -euo pipefail
+. "$(dirname "$0")/_help.sh"  # --help: the header above
 cd "$(dirname "$0")/.."
 # DEQLAB_NO_INSTALL=1 skips the pip install (the tests run this script in an environment already installed)
 pip_install_repo() { [ -n "${DEQLAB_NO_INSTALL:-}" ] || python -m pip install -q -e "$1"; }

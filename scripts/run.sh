@@ -3,7 +3,9 @@
 #   bash scripts/run.sh [--cfg FILE] [KEY VALUE ...]                      train
 #   bash scripts/run.sh [--cfg FILE] --eval --test_model CKPT [KEY VALUE ...]  evaluate a checkpoint
 # NPROC=4 bash scripts/run.sh ...   trains with torchrun on 4 processes (GPUs) of this node.
+# Example: bash scripts/run.sh --cfg experiments/fashion_mnist/cls_mdeq_quickstart.yaml TRAIN.END_EPOCH 1
 set -euo pipefail
+. "$(dirname "$0")/_help.sh"  # --help: the header above
 cd "$(dirname "$0")/.."
 CFG=experiments/cifar/cls_mdeq_TINY.yaml
 EVAL=0

@@ -16,7 +16,9 @@
 #   --results_name CSV     evaluation: append a row (budget, top-1, top-5, steps, residual) to CSV
 #   --nproc_per_node N     processes on this node (default: the visible GPUs, at least 1); one runs without torchrun
 #   --nnodes N --node_rank I --rdzv_endpoint HOST:PORT   multi-node: run the same command on every node
+# Example: bash scripts/run_mdeq.sh --data data/imagenet --model XL --epochs 100 --save-path runs/xl
 set -euo pipefail
+. "$(dirname "$0")/_help.sh"  # --help: the header above
 cd "$(dirname "$0")/.."
 die() { echo "error: run_mdeq.sh: $*" >&2; exit 2; }
 need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }

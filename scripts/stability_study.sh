@@ -13,7 +13,9 @@
 # DEQ.F_EPS 1e-7 and DEQ.RAND_F_THRES_DELTA 0, so the solver always spends its whole budget (the study's point).
 # The "unrolled" method backpropagates through all the forward solver's steps (DEQ.GRAD unrolled). A run whose
 # final checkpoint exists is not trained again (delete it to retrain); the sweeps are always redone.
+# Example: bash scripts/stability_study.sh --seeds 3 --epochs 2 --budgets "1 2 4 8 18 36" PERCENT 0.25
 set -euo pipefail
+. "$(dirname "$0")/_help.sh"  # --help: the header above
 cd "$(dirname "$0")/.."
 SEEDS=3
 EPOCHS=""

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install what the tests need, then run them. CI (.ci/run) calls exactly this.
+# Example: bash scripts/test.sh -k solvers   (arguments go to pytest; its own help: python -m pytest --help)
 set -euo pipefail
+. "$(dirname "$0")/_help.sh"  # --help: the header above
 cd "$(dirname "$0")/.."
 # DALI (the ImageNet loaders' tests run its CPU pipelines for real) and rdata (the Austen corpus reader)
 python -m pip install -q -e '.[test,dali,lm]'

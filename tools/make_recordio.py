@@ -1,5 +1,7 @@
 """Pack a class-folder image tree into MXNet recordIO for DALI (``DATASET.DATA_FORMAT rec``).
 
+Example (each split once)::
+
     python tools/make_recordio.py --src data/imagenet/train --out data/imagenet/train --resize 480 --quality 95
     python tools/make_recordio.py --src data/imagenet/val   --out data/imagenet/val
 
@@ -23,6 +25,7 @@ from tqdm import tqdm
 from deqlab.data.recordio import RecordIOWriter
 from deqlab.errors import DatasetError
 from deqlab.utils.files import atomic_open
+from deqlab.utils.tool_help import help_format
 
 OUTPUTS = (".rec", ".idx", ".lst", ".classes.txt")
 
@@ -72,7 +75,7 @@ def make_recordio(src: str | Path, out: str | Path, resize: int = 0, quality: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(**help_format(__doc__))
     parser.add_argument("--src", required=True, help="folder of class folders, e.g. data/imagenet/train")
     parser.add_argument("--out", required=True, help="output prefix, e.g. data/imagenet/train (-> train.rec, ...)")
     parser.add_argument("--resize", type=int, default=0, help="shorter side in pixels (0: keep the images as they are)")

@@ -8,16 +8,21 @@ forward residual against the test-time solver budget. ``--group-by method`` (the
 (``--band minmax``: min–max), as Ramzi et al. (2023, Fig. 5); ``--group-by checkpoint``: one line per
 checkpoint. ``--pdf`` also writes the figure as PDF beside the PNG; ``--table FILE`` writes the numbers as a
 Markdown table (``-`` prints it).
+
+Example::
+
+    python tools/plot_sweep.py sweep.csv --pdf --table sweep.md
 """
 import argparse
 import sys
 from pathlib import Path
 
 from deqlab.utils.sweep import BANDS, GROUP_BY, plot_sweep, read_sweeps, sweep_table
+from deqlab.utils.tool_help import help_format
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(**help_format(__doc__))
     parser.add_argument("csv", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, default=None, help="image file (default: the first CSV's name, .png)")
     parser.add_argument("--pdf", action="store_true", help="also write the figure as PDF (the --out name, .pdf)")

@@ -3,18 +3,23 @@
 
 The same names the trainer uses (``deqlab.engine.run_files``): ``--keyed-by-seed`` for a run given its seed
 explicitly (``--seed N``), whose files carry the seed.
+
+Example::
+
+    python tools/run_files.py --cfg experiments/fashion_mnist/cls_mdeq_quickstart.yaml final OUTPUT_DIR runs
 """
 import argparse
 
 from deqlab.config import load_config
 from deqlab.engine.cli import run_tool
+from deqlab.utils.tool_help import help_format
 from deqlab.engine.run_files import run_files
 
 FILES = ("config", "log", "checkpoint", "best", "final")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(**help_format(__doc__))
     parser.add_argument("file", choices=FILES)
     parser.add_argument("--cfg", required=True, help="the run's experiment YAML")
     parser.add_argument("--keyed-by-seed", action="store_true", help="the run was given its seed (--seed N)")

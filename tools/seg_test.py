@@ -4,6 +4,11 @@ Sliding-window inference over full images (``TEST.IMAGE_SIZE`` windows on the im
 ``TEST.BASE_SIZE``), ``TEST.MULTI_SCALE`` / ``TEST.FLIP_TEST`` as the original; prints mIoU, per-class IoU and
 pixel accuracy over every rank's images. ``--results_name FILE.csv`` appends one row (a test-time
 ``DEQ.F_THRES`` sweep); ``--save_pred DIR`` writes each prediction as a colour PNG.
+
+Example::
+
+    python tools/seg_test.py --cfg experiments/fashion_scenes/seg_mdeq_quickstart.yaml --save_pred preds/ \\
+        TEST.MODEL_FILE output/fashion_scenes/seg_mdeq_quickstart/final_state.pth
 """
 from __future__ import annotations
 
@@ -60,5 +65,5 @@ def prediction_saver(args: argparse.Namespace, cfg: Any, loader: Any) -> Callabl
 
 
 if __name__ == "__main__":
-    run_tool(lambda: test_main("seg", __doc__.splitlines()[0], add_arguments=add_arguments,
+    run_tool(lambda: test_main("seg", __doc__, add_arguments=add_arguments,
                                batch_hook=prediction_saver))

@@ -10,6 +10,12 @@ mean forward solver steps per sample, fwd_nfe = mean forward f evaluations per s
 relative residual, count). ``tools/plot_sweep.py`` draws the file. Works for any task in ``deqlab.tasks.TASKS``; under torchrun
 every rank evaluates its shard and rank 0 writes the rows. ``--seed N`` as for the test tools (the run that
 made a ``final_state_seedN.pth.tar`` is told by its file name anyway).
+
+Example::
+
+    python tools/sweep.py --cfg experiments/fashion_mnist/cls_mdeq_quickstart.yaml \\
+        --checkpoint output/fashion_mnist/cls_mdeq_quickstart/final_state.pth \\
+        --f_thres 1 2 4 8 16 32 --results_name sweep.csv
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ log = logging.getLogger("deqlab")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = tool_parser(__doc__.splitlines()[0])
+    p = tool_parser(__doc__)
     p.add_argument("--checkpoint", default="", help="weights to evaluate (default: TEST.MODEL_FILE)")
     # str, not int: argparse hands "--f_thres 1 2 4 DEQ.F_EPS 1e-3" all to --f_thres; the KEY VALUE pairs
     # after the budgets are moved back to the overrides (split_budgets)

@@ -1,4 +1,5 @@
-"""A WikiText-layout word-level corpus from Jane Austen's six novels (Debian's ``r-cran-janeaustenr``).
+"""A WikiText-layout word-level corpus from Jane Austen's six novels (Debian's ``r-cran-janeaustenr``, or
+Project Gutenberg's ebooks where apt cannot fetch it: :mod:`deqlab.data.gutenberg`).
 
 Source: the package's R lazy-load database ``janeaustenr/data/Rdata.{rdx,rdb}`` (one character vector per
 novel, one element per printed line), read with PyPI ``rdata``; the ``.deb`` comes from ``apt-get download
@@ -36,12 +37,14 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import urllib.request
 import warnings
 import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+from deqlab.data import gutenberg
 from deqlab.errors import DatasetError
 from deqlab.utils.files import atomic_open
 
@@ -56,8 +59,9 @@ SPLIT_NOVELS = {"train": ("emma", "mansfieldpark", "prideprejudice", "sensesensi
 UNK = "<unk>"
 PACKAGE = "r-cran-janeaustenr"
 RDATA_SUBDIR = "usr/lib/R/site-library/janeaustenr/data"
-INSTALL_HINT = (f"get the Debian package with `apt-get download {PACKAGE}` and pass --deb PATH, or pass --rdata-dir "
-                f"pointing at an extracted .../janeaustenr/data folder (Rdata.rdx, Rdata.rdb)")
+INSTALL_HINT = (f"get the Debian package with `apt-get download {PACKAGE}` (e.g. on another machine) and pass "
+                f"--deb PATH, or pass --rdata-dir pointing at an extracted .../janeaustenr/data folder (Rdata.rdx, "
+                f"Rdata.rdb), or --gutenberg-url a folder or mirror holding Project Gutenberg's <n>/pg<n>.txt files")
 
 _TOKEN = re.compile(r"""(?P<dash>-{2,}) | (?P<num>\d+(?:[.,]\d+)+) | (?P<etc>&c\b)
                       | (?P<word>[^\W_]+(?:'[^\W_]+)*) | (?P<other>\S)""", re.X)
@@ -249,31 +253,50 @@ def read_deb(deb: str | Path) -> dict[str, list[str]]:
 def download_deb(dest: str | Path) -> Path:
     """``apt-get download r-cran-janeaustenr`` into ``dest``; returns the .deb's path."""
     if shutil.which("apt-get") is None:
-        raise DatasetError(f"apt-get is not available to download {PACKAGE}: fetch its .deb elsewhere (a Debian or "
-                           f"Ubuntu machine, packages.debian.org) and pass --deb PATH, or pass --rdata-dir "
-                           f"pointing at an extracted .../janeaustenr/data folder (Rdata.rdx, Rdata.rdb)")
+        raise DatasetError(f"apt-get is not available to download {PACKAGE}")
     run = subprocess.run(["apt-get", "download", PACKAGE], cwd=dest, capture_output=True, text=True)
     debs = sorted(Path(dest).glob(f"{PACKAGE}_*.deb"))
     if run.returncode or not debs:
         last = (run.stderr.strip().splitlines() or ["no .deb written"])[-1]
-        raise DatasetError(f"apt-get download {PACKAGE} failed ({last}); run apt-get update, or {INSTALL_HINT}")
+        raise DatasetError(f"apt-get download {PACKAGE} failed ({last}; apt-get update may help)")
     return debs[-1]
 
 
+def _from_gutenberg(base_url: str, opener: gutenberg.Opener, log: Callable[[str], None],
+                    apt_error: DatasetError | None = None) -> tuple[dict[str, list[str]], dict]:
+    try:
+        novels = gutenberg.download_novels(base_url, opener, log)
+    except DatasetError as err:
+        apt = f"apt-get: {apt_error}; " if apt_error else ""
+        raise DatasetError(f"cannot get the novels ({apt}Project Gutenberg: {err}); {INSTALL_HINT}") from None
+    return novels, {"gutenberg": base_url, "ebooks": gutenberg.EBOOKS}
+
+
 def load_novels(deb: str | Path | None = None, rdata_dir: str | Path | None = None,
-                log: Callable[[str], None] = print) -> tuple[dict[str, list[str]], dict]:
-    """The six novels' lines and a description of where they came from (``--deb``, ``--rdata-dir`` or apt)."""
+                log: Callable[[str], None] = print, use_gutenberg: bool = False,
+                gutenberg_url: str = gutenberg.BASE_URL, fetch_deb: Callable[[str], Path] | None = None,
+                opener: gutenberg.Opener = urllib.request.urlopen) -> tuple[dict[str, list[str]], dict]:
+    """The six novels' lines and a description of where they came from: ``rdata_dir``, ``deb``, Project
+    Gutenberg (``use_gutenberg``), or else ``apt-get download`` (``fetch_deb(folder)``, :func:`download_deb` by
+    default) with Project Gutenberg as the fallback when that fails."""
     if rdata_dir is not None:
         log(f"reading the R lazy-load database under {rdata_dir}")
         novels, source = read_rdata_dir(rdata_dir), {"rdata_dir": str(rdata_dir)}
+    elif deb is None and use_gutenberg:
+        novels, source = _from_gutenberg(gutenberg_url, opener, log)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             if deb is None:
                 log(f"downloading {PACKAGE} with apt-get download")
-                deb = download_deb(tmp)
-            log(f"reading {deb}")
-            digest = hashlib.sha256(Path(deb).read_bytes()).hexdigest()
-            novels, source = read_deb(deb), {"deb": Path(deb).name, "sha256": digest}
+                try:
+                    deb = (fetch_deb or download_deb)(tmp)
+                except DatasetError as apt_error:
+                    log(f"{apt_error}; downloading the novels from Project Gutenberg instead")
+                    novels, source = _from_gutenberg(gutenberg_url, opener, log, apt_error)
+            if deb is not None:
+                log(f"reading {deb}")
+                digest = hashlib.sha256(Path(deb).read_bytes()).hexdigest()
+                novels, source = read_deb(deb), {"deb": Path(deb).name, "sha256": digest}
     missing = sorted(set(NOVELS) - set(novels))
     if missing:
         raise DatasetError(f"the janeaustenr data lacks {', '.join(missing)} (found {', '.join(sorted(novels))})")
@@ -329,8 +352,9 @@ def build_corpus(novels: dict[str, list[str]], out_dir: str | Path, min_count: i
 def _readme(stats: dict) -> str:
     rows = "\n".join(f"| {s} | {', '.join(v['novels'])} | {v['lines']:,} | {v['tokens_with_eos']:,} | "
                      f"{100 * v['unk_rate']:.2f}% | {v['unigram_ppl']} |" for s, v in stats["splits"].items())
-    return (f"# Jane Austen corpus (WikiText layout)\n\nBuilt by `tools/make_austen_corpus.py` from Debian's "
-            f"`{PACKAGE}` ({json.dumps(stats['source'])}). Format and tokenisation: `deqlab/data/austen.py` "
+    origin = "Project Gutenberg's ebooks" if "gutenberg" in stats["source"] else f"Debian's `{PACKAGE}`"
+    return (f"# Jane Austen corpus (WikiText layout)\n\nBuilt by `tools/make_austen_corpus.py` from {origin} "
+            f"({json.dumps(stats['source'])}). Format and tokenisation: `deqlab/data/austen.py` "
             f"(lib/data/austen.py). Words seen fewer than {stats['min_count']} times in train are `<unk>`; "
             f"vocabulary {stats['vocab_size']:,} symbols with `<eos>` and `<unk>`.\n\n"
             "| split | novels | lines | tokens (with `<eos>`) | `<unk>` rate | unigram ppl (add-one) |\n"

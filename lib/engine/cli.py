@@ -8,6 +8,7 @@ from typing import Callable
 
 from deqlab.config import CfgNode, load_config
 from deqlab.errors import DeqlabError
+from deqlab.utils.tool_help import help_format
 
 
 # The original tools' flags, kept so their command lines keep working; each sets one config key.
@@ -15,9 +16,11 @@ LEGACY_FLAGS = {"--modelDir": "OUTPUT_DIR", "--logDir": "LOG_DIR", "--dataDir": 
                 "--testModel": "TEST.MODEL_FILE", "--percent": "PERCENT"}
 
 
-def tool_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--cfg", required=True, help="experiment YAML, e.g. experiments/cifar/cls_mdeq_TINY.yaml")
+def tool_parser(doc: str) -> argparse.ArgumentParser:
+    """The ``--cfg FILE [KEY VALUE ...]`` parser every train/test tool shares; ``doc``: the tool's module docstring."""
+    parser = argparse.ArgumentParser(**help_format(doc))
+    parser.add_argument("--cfg", required=True,
+                        help="experiment YAML (experiments/<dataset>/*.yaml, as in the example above)")
     # python -m torch.distributed.launch passes --local-rank=N (--local_rank before torch 2.0); torchrun
     # sets LOCAL_RANK, which is what deqlab reads.
     parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
