@@ -95,7 +95,8 @@ def to_model_layout(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tens
     """``state`` (prefix-stripped) in the model's layout: a ``zoo`` file is converted; ``fmt`` (one of
     ``WEIGHT_FORMATS``) must agree with what the keys say when it is not ``auto``."""
     if fmt not in WEIGHT_FORMATS:
-        raise CheckpointError(f"unknown weights format {fmt!r} (MODEL.WEIGHTS_FORMAT); known: {', '.join(WEIGHT_FORMATS)}")
+        raise CheckpointError(f"unknown weights format {fmt!r} (MODEL.WEIGHTS_FORMAT); known: "
+                              f"{', '.join(WEIGHT_FORMATS)}")
     found = "zoo" if is_zoo_state(state) else "deqlab"
     if fmt != "auto" and fmt != found:
         raise CheckpointError(

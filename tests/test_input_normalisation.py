@@ -47,10 +47,13 @@ def test_imagenet_and_fashion_transforms_take_the_keys_too(tmp_path):
     assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.9  # ToTensor's [0, 1], untouched
 
 
+ONE_PER_CHANNEL = "must be [] (the dataset's usual one) or a list of MODEL.IN_CHANNELS (3) items"
+
+
 @pytest.mark.parametrize("key, value, expected", [
-    ("DATASET.STD", "[0.2, 0.2]", "DATASET.STD must be [] (the dataset's usual one) or a list of MODEL.IN_CHANNELS (3) items"),
+    ("DATASET.STD", "[0.2, 0.2]", f"DATASET.STD {ONE_PER_CHANNEL}"),
     ("DATASET.STD", "[0.2, 0.0, 0.2]", "each a number > 0, got [0.2, 0.0, 0.2]"),
-    ("DATASET.MEAN", "[0.5]", "DATASET.MEAN must be [] (the dataset's usual one) or a list of MODEL.IN_CHANNELS (3) items")])
+    ("DATASET.MEAN", "[0.5]", f"DATASET.MEAN {ONE_PER_CHANNEL}")])
 def test_bad_mean_or_std_is_a_config_error(key, value, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_config(ZOO_SMALL, [key, value])

@@ -65,17 +65,19 @@ _C.MODEL.DROPOUT = 0.0         # variational dropout rate inside the residual bl
 _C.MODEL.WNORM = True          # weight-normalise the block convs and post-fusion convs (MDEQ: when NORM_TYPE is auto)
 _C.MODEL.NORM_TYPE = "auto"    # ours, MDEQ cell (torchdeq's --norm_type): "weight_norm", "spectral_norm" (torchdeq's:
                                # weight = W g / sigma(W), one power iteration per training forward) or "none";
-                               # "auto" = weight_norm if MODEL.WNORM else none. Another value with WNORM False is an error
+                               # "auto" = weight_norm if MODEL.WNORM else none. Another value with WNORM False is an
+                               # error. The DEQ-Transformer reads MODEL.WNORM only
 _C.MODEL.NORM_LAYERS = ["blocks", "post_fuse"]  # ours, MDEQ cell: the conv groups NORM_TYPE covers: "blocks" (residual
                                # blocks), "fuse" (fusion convs), "post_fuse" (1x1 convs after fusion). locuslab/mdeq:
                                # blocks + post_fuse; torchdeq zoo CIFAR: all three; zoo ImageNet: blocks only
-_C.MODEL.NORM_NO_SCALE = False # ours, torchdeq's --norm_no_scale: no learned scale g (no weight_g); factor NORM_TARGET_NORM
+_C.MODEL.NORM_NO_SCALE = False # ours, torchdeq's --norm_no_scale: no learned scale g (no weight_g), the factor is
+                               # NORM_TARGET_NORM / norm
 _C.MODEL.NORM_TARGET_NORM = 1.0  # ours, torchdeq's --norm_target_norm: g's initial value (spectral) or fixed target
 _C.MODEL.NORM_CLIP = False     # ours, torchdeq's --norm_clip: clip the factor g / norm at NORM_CLIP_VALUE
 _C.MODEL.NORM_CLIP_VALUE = 1.0 # ours, torchdeq's --norm_clip_value
 _C.MODEL.SN_N_POWER_ITERS = 1  # ours, torchdeq's --sn_n_power_iters: power iterations per training forward (spectral)
-_C.MODEL.WEIGHTS_FORMAT = "auto"  # ours: layout of TEST.MODEL_FILE / TRAIN.MODEL_FILE / MODEL.PRETRAINED: "deqlab" (ours
-                               # and locuslab/mdeq's), "zoo" (torchdeq deq-zoo/mdeq: deqlab.compat.zoo_checkpoints
+_C.MODEL.WEIGHTS_FORMAT = "auto"  # ours: layout of TEST.MODEL_FILE / TRAIN.MODEL_FILE / MODEL.PRETRAINED: "deqlab"
+                               # (ours and locuslab/mdeq's), "zoo" (torchdeq deq-zoo/mdeq: deqlab.compat.zoo_checkpoints
                                # converts it) or "auto" (zoo when the keys say so: full_stage.*)
 _C.MODEL.DOWNSAMPLE_TIMES = 2  # stride-2 stem convs before the equilibrium stage
 _C.MODEL.EXPANSION_FACTOR = 5  # hidden width of a residual block = EXPANSION_FACTOR * channels

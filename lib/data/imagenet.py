@@ -85,7 +85,8 @@ def torchvision_transform(cfg, augment: bool) -> transforms.Compose:
         tf = [transforms.RandomResizedCrop((h, w), scale=RRC_AREA, ratio=RRC_RATIO), transforms.RandomHorizontalFlip()]
     else:
         tf = [transforms.Resize(eval_resize((h, w))), transforms.CenterCrop((h, w))]
-    return transforms.Compose(tf + [transforms.ToTensor(), transforms.Normalize(*normalisation(cfg, IMAGENET_MEAN, IMAGENET_STD))])
+    normalize = transforms.Normalize(*normalisation(cfg, IMAGENET_MEAN, IMAGENET_STD))
+    return transforms.Compose(tf + [transforms.ToTensor(), normalize])
 
 
 class _FileList(datasets.VisionDataset):
