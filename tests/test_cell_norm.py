@@ -3,7 +3,9 @@ maths, layout and gradients, which convs each setting covers, and the config che
 import pytest
 import torch
 
+from deqlab.checkpoint import load_weights
 from deqlab.config import load_config
+from deqlab.engine import Trainer
 from deqlab.errors import ConfigError
 from deqlab.layers import NormOptions, SpectralNormConv2d, WeightNormConv2d, reset_per_forward
 from deqlab.models import build_model
@@ -170,3 +172,17 @@ def test_spectral_norm_mdeq_trains_with_the_zoo_phantom_gradient():
     after = conv.state_dict()
     for key in ("weight_orig", "weight_g", "weight_u", "weight_v"):  # trained, and power-iterated each forward
         assert not torch.equal(before[key], after[key]), key
+
+
+def test_a_spectral_norm_run_saves_weights_that_reload_with_their_singular_vectors(tiny_run):
+    path, overrides, _ = tiny_run
+    cfg = load_config(path, overrides + ["MODEL.NORM_TYPE", "spectral_norm", "TRAIN.END_EPOCH", "1"])
+    trainer = Trainer(cfg, path)
+    u_start = trainer.model.fullstage.branches[0].blocks[0].conv1.weight_u.clone()
+    metrics = trainer.fit()  # ends by reloading the best weights strictly
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    fresh = build_model(cfg)
+    load_weights(fresh, trainer.files.final)
+    u_saved = fresh.fullstage.branches[0].blocks[0].conv1.weight_u
+    assert torch.equal(u_saved, trainer.model.fullstage.branches[0].blocks[0].conv1.weight_u)
+    assert not torch.equal(u_saved, u_start)  # power-iterated during training, and saved

@@ -5,14 +5,16 @@ import json
 import pytest
 import torch
 
-from deqlab.checkpoint import load_weights
+from deqlab.checkpoint import load_checkpoint, load_weights
 from deqlab.config import load_config
+from deqlab.engine import Trainer
 from deqlab.errors import CheckpointError
 from deqlab.layers import reset_per_forward
 from deqlab.models import build_model
 from deqlab.tasks import get_task
 
 from conftest import COMPAT, REPO, needs_compat
+from test_data import write_cifar
 
 pytestmark = needs_compat
 ZOO = COMPAT / "zoo"
@@ -139,3 +141,21 @@ def test_zoo_configs_carry_the_zoo_recipe():
         assert (cfg.DEQ.GRAD, cfg.DEQ.PHANTOM_STEPS, cfg.DEQ.F_EPS, cfg.DEQ.STOP_MODE) == ("phantom", 5, 1e-3, "abs")
         assert (cfg.MODEL.NORM_TYPE, cfg.LOSS.FPC, cfg.TRAIN.PRETRAIN_STEPS, cfg.TRAIN.LR_MIN) == (
             "weight_norm", False, 0, 1e-6)
+
+
+def test_training_starts_from_a_zoo_checkpoint_with_the_zoo_recipe(tmp_path):
+    """TRAIN.MODEL_FILE = the zoo's file: the trainer starts from its weights and trains with the zoo config."""
+    write_cifar(tmp_path / "cifar10", n_train=2, n_test=4)
+    cfg = load_config(CONFIGS["cifar_small"], [
+        "TRAIN.MODEL_FILE", str(ZOO / "zoo_cifar_small.pth.tar"), "DATASET.ROOT", str(tmp_path / "cifar10"),
+        "OUTPUT_DIR", str(tmp_path / "out"), "LOG_DIR", str(tmp_path / "log"), "DEVICE", "cpu", "WORKERS", "0",
+        "TRAIN.BATCH_SIZE_PER_GPU", "4", "TEST.BATCH_SIZE_PER_GPU", "4", "TRAIN.MAX_STEP", "2", "PRINT_FREQ", "1"])
+    trainer = Trainer(cfg, CONFIGS["cifar_small"])
+    zoo = torch.load(ZOO / "zoo_cifar_small.pth.tar", weights_only=True)
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert all(torch.equal(start[ours(k)], v) for k, v in zoo.items())
+    metrics = trainer.fit()
+    assert metrics["count"] == 4 and torch.isfinite(torch.tensor(metrics["loss"]))
+    final = load_checkpoint(trainer.files.final)["model"]
+    assert all(torch.isfinite(v).all() for v in final.values())
+    assert any(not torch.equal(final[k], start[k]) for k in start if k.endswith("weight_v"))
