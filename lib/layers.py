@@ -119,8 +119,8 @@ class SpectralNormMixin(NormalisedWeightMixin):
         self.weight_orig = nn.Parameter(weight.clone())
         self._add_scale(weight.shape[0], weight.dim(), None, options)
         rows, cols = weight.shape[0], weight[0].numel()
-        self.register_buffer("weight_u", nn.functional.normalize(torch.randn(rows), dim=0))
-        self.register_buffer("weight_v", nn.functional.normalize(torch.randn(cols), dim=0))
+        self.register_buffer("weight_u", nn.functional.normalize(weight.new_empty(rows).normal_(), dim=0))
+        self.register_buffer("weight_v", nn.functional.normalize(weight.new_empty(cols).normal_(), dim=0))
         self.power_iteration(15)  # torch.nn.utils.spectral_norm's warm start: sigma is sensible from the start
 
     @torch.no_grad()
@@ -295,11 +295,10 @@ def norm_conv2d(norm: str, *args: Any, options: NormOptions = NormOptions(), **k
     return NORM_CONVS[norm](*args, norm_options=options, **kwargs)
 
 
-def conv3x3(in_ch: int, out_ch: int, stride: int = 1, bias: bool = False, wnorm: bool = False,
-            norm: str = "", options: NormOptions = NormOptions()) -> nn.Conv2d:
-    """3x3 convolution with padding 1, normalised by ``norm`` (or weight-normalised when ``wnorm``)."""
-    return norm_conv2d(norm or ("weight_norm" if wnorm else "none"), in_ch, out_ch, kernel_size=3, stride=stride,
-                       padding=1, bias=bias, options=options)
+def conv3x3(in_ch: int, out_ch: int, stride: int = 1, bias: bool = False, norm: str = "none",
+            options: NormOptions = NormOptions()) -> nn.Conv2d:
+    """3x3 convolution with padding 1, normalised by ``norm`` (see :func:`norm_conv2d`)."""
+    return norm_conv2d(norm, in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=bias, options=options)
 
 
 __all__ = ["NormOptions", "NORM_TYPES", "norm_conv2d", "SpectralNormConv2d", "WeightNormConv1d", "WeightNormConv2d",

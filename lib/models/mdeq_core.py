@@ -10,6 +10,8 @@ The cell f(z; x) acts on a list of states, one per resolution (branch i has NUM_
 
 Module and parameter names follow locuslab/mdeq, so its released state_dicts load unchanged (the frozen
 ``fullstage_copy`` and the ``deq.func*`` aliases of the original are not kept; the loader drops them).
+:class:`CellNorm` says which convs are normalised and how (``MODEL.NORM_TYPE``, ``MODEL.NORM_LAYERS``: locuslab/mdeq's
+weight norm by default, torchdeq's layouts and spectral norm otherwise).
 
 Initial state (``MODEL.SKIP``; Skip DEQ, Pal et al. 2022, multiscale as ``MultiScaleSkipDeepEquilibriumNetwork``):
 ``none`` starts every branch from zeros; ``skip`` predicts each branch's state from the injection with
@@ -44,7 +46,6 @@ from deqlab.regularizers import spectral_radius
 from deqlab.solvers import memory_options
 
 BN_MOMENTUM = 0.1
-NORM_PARTS = ("blocks", "fuse", "post_fuse")  # the cell's conv groups MODEL.NORM_LAYERS may name
 
 
 @dataclass(frozen=True)
