@@ -6,6 +6,10 @@ Our checkpoints hold only state_dicts, tensors and primitives, so they load with
 information (``fullstage_copy.*``, ``deq.func.*``, ``deq.func_copy.*``) or belong to the loss
 (``loss.*``); ``load_weights`` strips and drops those and says so. Old files that pickle Python objects load
 only through the explicit :func:`load_legacy_pickle`.
+
+Weight formats (``load_weights(fmt=...)``, ``MODEL.WEIGHTS_FORMAT``): ``deqlab`` is ours and locuslab/mdeq's
+names; ``zoo`` is the torchdeq zoo's MDEQ, converted by :mod:`deqlab.compat.zoo_checkpoints`; ``auto`` picks
+from the keys. A format that the keys contradict is an error rather than a guess.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from deqlab.compat.zoo_checkpoints import convert_zoo_state, is_zoo_state
 from deqlab.errors import CheckpointError
 from deqlab.utils.files import atomic_open
 
@@ -26,6 +31,7 @@ log = logging.getLogger(__name__)
 STRIPPED_PREFIXES = ("module.", "model.")  # DataParallel/DDP, and the original segmentation wrapper
 DROPPED_PREFIXES = ("fullstage_copy.", "deq.func.", "deq.func_copy.", "loss.")
 PathLike = str | os.PathLike
+WEIGHT_FORMATS = ("auto", "deqlab", "zoo")
 
 
 def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> None:
@@ -84,6 +90,28 @@ def clean_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch
     return clean, dropped
 
 
+def to_model_layout(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor], fmt: str,
+                    path: PathLike) -> dict[str, torch.Tensor]:
+    """``state`` (prefix-stripped) in the model's layout: a ``zoo`` file is converted; ``fmt`` (one of
+    ``WEIGHT_FORMATS``) must agree with what the keys say when it is not ``auto``."""
+    if fmt not in WEIGHT_FORMATS:
+        raise CheckpointError(f"unknown weights format {fmt!r} (MODEL.WEIGHTS_FORMAT); known: "
+                              f"{', '.join(WEIGHT_FORMATS)}")
+    found = "zoo" if is_zoo_state(state) else "deqlab"
+    if fmt != "auto" and fmt != found:
+        raise CheckpointError(
+            f"checkpoint {path} is not in the {fmt!r} format (MODEL.WEIGHTS_FORMAT): its keys are "
+            f"{'the torchdeq zoo' if found == 'zoo' else 'deqlab/locuslab-mdeq'}'s "
+            f"({'full_stage.*' if found == 'zoo' else 'no full_stage.*'}); use {found!r} or auto")
+    if found == "deqlab":
+        return state
+    state, counts = convert_zoo_state(state, own)
+    log.info("%s: torchdeq zoo checkpoint converted (deqlab.compat.zoo_checkpoints): %d cell tensors renamed, "
+             "weight norm folded into %d convs and split out of %d", path, counts["renamed"], counts["folded"],
+             counts["split"])
+    return state
+
+
 def _summary(names: Iterable[str], limit: int = 8) -> str:
     names = list(names)
     shown = ", ".join(names[:limit])
@@ -91,8 +119,9 @@ def _summary(names: Iterable[str], limit: int = 8) -> str:
 
 
 def load_weights(model: nn.Module, path: PathLike, strict: bool = True,
-                 exclude: tuple[str, ...] = ()) -> dict[str, list[str]]:
-    """Load model weights from ``path`` (ours or an original MDEQ file) into ``model``.
+                 exclude: tuple[str, ...] = (), fmt: str = "auto") -> dict[str, list[str]]:
+    """Load model weights from ``path`` (ours, an original MDEQ file, or one in the weights format ``fmt``, see
+    the module docstring) into ``model``.
 
     ``strict``: every tensor must be present with the right shape, else a CheckpointError lists the
     offenders. ``strict=False`` is partial transfer (``MODEL.PRETRAINED``): tensors whose name and shape match
@@ -105,6 +134,7 @@ def load_weights(model: nn.Module, path: PathLike, strict: bool = True,
         log.info("%s: dropped %d alias/loss entries (%s)", path, len(dropped),
                  ", ".join(sorted({n.split(".")[0] + "." for n in dropped})))
     own = model.state_dict()
+    state = to_model_layout(state, own, fmt, path)
     excluded = [k for k in state if k.startswith(exclude)]  # str.startswith(()) is False
     state = {k: v for k, v in state.items() if not k.startswith(exclude)}
     missing = [k for k in own if k not in state and not k.startswith(exclude)]

@@ -13,7 +13,7 @@ from typing import Any
 
 from yacs.config import CfgNode as CN
 
-from deqlab.config.rules import ANY, Rule, choice, integer, list_of, number, registered, unused
+from deqlab.config.rules import ANY, Rule, choice, empty_or, integer, list_of, number, registered, unused
 
 RULES: dict[str, Rule] = {}  # dotted key -> what it accepts, in declaration order
 
@@ -62,7 +62,23 @@ _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.IN_CHANNELS = 3      # ours: image channels (1 for Fashion-MNIST)
 _C.MODEL.NUM_GROUPS = 4        # GroupNorm groups inside residual blocks and fusion
 _C.MODEL.DROPOUT = 0.0         # variational dropout rate inside the residual blocks
-_C.MODEL.WNORM = True          # weight-normalise the block convs and post-fusion convs
+_C.MODEL.WNORM = True          # weight-normalise the block convs and post-fusion convs (MDEQ: when NORM_TYPE is auto)
+_C.MODEL.NORM_TYPE = "auto"    # ours, MDEQ cell (torchdeq's --norm_type): "weight_norm", "spectral_norm" (torchdeq's:
+                               # weight = W g / sigma(W), one power iteration per training forward) or "none";
+                               # "auto" = weight_norm if MODEL.WNORM else none. Another value with WNORM False is an
+                               # error. The DEQ-Transformer reads MODEL.WNORM only
+_C.MODEL.NORM_LAYERS = ["blocks", "post_fuse"]  # ours, MDEQ cell: the conv groups NORM_TYPE covers: "blocks" (residual
+                               # blocks), "fuse" (fusion convs), "post_fuse" (1x1 convs after fusion). locuslab/mdeq:
+                               # blocks + post_fuse; torchdeq zoo CIFAR: all three; zoo ImageNet: blocks only
+_C.MODEL.NORM_NO_SCALE = False # ours, torchdeq's --norm_no_scale: no learned scale g (no weight_g), the factor is
+                               # NORM_TARGET_NORM / norm
+_C.MODEL.NORM_TARGET_NORM = 1.0  # ours, torchdeq's --norm_target_norm: g's initial value (spectral) or fixed target
+_C.MODEL.NORM_CLIP = False     # ours, torchdeq's --norm_clip: clip the factor g / norm at NORM_CLIP_VALUE
+_C.MODEL.NORM_CLIP_VALUE = 1.0 # ours, torchdeq's --norm_clip_value
+_C.MODEL.SN_N_POWER_ITERS = 1  # ours, torchdeq's --sn_n_power_iters: power iterations per training forward (spectral)
+_C.MODEL.WEIGHTS_FORMAT = "auto"  # ours: layout of TEST.MODEL_FILE / TRAIN.MODEL_FILE / MODEL.PRETRAINED: "deqlab"
+                               # (ours and locuslab/mdeq's), "zoo" (torchdeq deq-zoo/mdeq: deqlab.compat.zoo_checkpoints
+                               # converts it) or "auto" (zoo when the keys say so: full_stage.*)
 _C.MODEL.DOWNSAMPLE_TIMES = 2  # stride-2 stem convs before the equilibrium stage
 _C.MODEL.EXPANSION_FACTOR = 5  # hidden width of a residual block = EXPANSION_FACTOR * channels
 _C.MODEL.BLOCK_GN_AFFINE = True
@@ -97,7 +113,11 @@ allow("MODEL", NAME=ANY,  # deqlab.models.build_model checks it against the task
       PRETRAINED=ANY, NUM_LAYERS=integer(lo=1), NUM_CLASSES=integer(lo=1), IN_CHANNELS=integer(lo=1),
       NUM_GROUPS=integer(lo=2, multiple_of=2),  # the post-fusion GroupNorms use NUM_GROUPS // 2 groups
       DROPOUT=number(0, 1, hi_open=True), DOWNSAMPLE_TIMES=integer(lo=0), EXPANSION_FACTOR=integer(lo=1),
-      IMAGE_SIZE=_SIZE, SKIP=choice("none", "skip", "skipreg"), SKIP_CHANNELS=integer(lo=0))
+      IMAGE_SIZE=_SIZE, SKIP=choice("none", "skip", "skipreg"), SKIP_CHANNELS=integer(lo=0),
+      NORM_TYPE=choice("auto", "weight_norm", "spectral_norm", "none"),
+      NORM_LAYERS=list_of(choice("blocks", "fuse", "post_fuse")), NORM_TARGET_NORM=number(lo=0, lo_open=True),
+      NORM_CLIP_VALUE=number(lo=0, lo_open=True), SN_N_POWER_ITERS=integer(lo=1),
+      WEIGHTS_FORMAT=choice("auto", "deqlab", "zoo"))
 allow("MODEL.EXTRA", FINAL_CONV_KERNEL=choice(1, 3))
 allow("MODEL.EXTRA.FULL_STAGE", NUM_MODULES=unused(choice(1)), NUM_BRANCHES=integer(lo=1),
       BLOCK=unused(choice("BASIC")), BIG_KERNELS=unused(list_of(choice(0))),
@@ -201,12 +221,18 @@ _C.DATASET.LOADER = "torchvision"  # ours, imagenet: "torchvision" (DataLoader w
 _C.DATASET.DALI_DEVICE = "auto"    # ours, LOADER dali: decode on the "gpu" (mixed), the "cpu", or "auto" (gpu
                                    # when the run is on CUDA)
 _C.DATASET.AUGMENT = True       # standard augmentation (random crop + flip for CIFAR/ImageNet)
+_C.DATASET.MEAN = []            # ours, classification: per-channel mean of the input normalisation; [] = the dataset's
+                                # usual one (CIFAR-10 (0.4914, 0.4822, 0.4465), ImageNet (0.485, 0.456, 0.406), ...)
+_C.DATASET.STD = []             # ours: per-channel std; [] = the dataset's usual one (CIFAR-10: locuslab/mdeq's
+                                # (0.2470, 0.2435, 0.2616); the torchdeq zoo uses (0.2023, 0.1994, 0.2010))
 _C.DATASET.NUM_CLASSES = 19     # segmentation: number of classes (19 Cityscapes trainIds)
 _C.DATASET.LABEL_MAPPING = "cityscapes"  # ours: "cityscapes" (label ids -> trainIds) or "none" (ids as is)
 allow("DATASET", DATASET=registered("deqlab.data", "DATASETS", case_sensitive=False), ROOT=ANY, TRAIN_SET=ANY,
       TEST_SET=ANY, DATA_FORMAT=choice("jpg", "rec"), LOADER=choice("torchvision", "dali"),
       DALI_DEVICE=choice("auto", "cpu", "gpu"), NUM_CLASSES=integer(lo=1),
-      LABEL_MAPPING=choice("cityscapes", "none"))
+      LABEL_MAPPING=choice("cityscapes", "none"),
+      MEAN=empty_or(list_of(number(), length="MODEL.IN_CHANNELS"), "the dataset's usual one"),  # one per channel
+      STD=empty_or(list_of(number(lo=0, lo_open=True), length="MODEL.IN_CHANNELS"), "the dataset's usual one"))
 
 _C.TRAIN = CN()
 _C.TRAIN.OPTIMIZER = "adam"     # adam | radam | sgd

@@ -134,6 +134,17 @@ class ListOf(Rule):
         return f"a list of {size}items, each {self.item.allowed(cfg)}"
 
 
+class EmptyOr(Rule):
+    def __init__(self, rule: Rule, meaning: str) -> None:
+        self.rule, self.meaning, self.refs = rule, meaning, rule.refs
+
+    def ok(self, value: Any, cfg: Any) -> bool:
+        return (isinstance(value, (list, tuple)) and len(value) == 0) or self.rule.ok(value, cfg)
+
+    def allowed(self, cfg: Any) -> str:
+        return f"[] ({self.meaning}) or {self.rule.allowed(cfg)}"
+
+
 class Unused(Rule):
     unused = True
 
@@ -174,6 +185,11 @@ def number(lo: Bound = None, hi: Bound = None, lo_open: bool = False, hi_open: b
 def list_of(item: Rule, length: Bound = None, min_length: Bound = None) -> Rule:
     """A list whose items all pass ``item``, of exactly ``length`` / at least ``min_length`` items."""
     return ListOf(item, length, min_length)
+
+
+def empty_or(rule: Rule, meaning: str) -> Rule:
+    """An empty list, meaning ``meaning``, or a value ``rule`` accepts."""
+    return EmptyOr(rule, meaning)
 
 
 def unused(rule: Rule = ANY) -> Rule:

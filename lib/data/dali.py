@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import torch
 
 from deqlab.data.imagenet import CROP_FRACTION, RRC_AREA, RRC_RATIO, ImageSource, image_source
-from deqlab.data.vision import IMAGENET_MEAN, IMAGENET_STD, image_hw
+from deqlab.data.vision import IMAGENET_MEAN, IMAGENET_STD, image_hw, normalisation
 from deqlab.errors import ConfigError, DatasetError
 
 INSTALL_HINT = ("pip install -e '.[dali]' (the CUDA 13 build, nvidia-dali-cuda130; nvidia-dali-cuda120 for "
@@ -100,8 +100,9 @@ def _pipeline(cfg, source: ImageSource, train: bool, batch_size: int, shard: int
             crop = fn.cast(fn.stack(new_h * 0 + h, new_w * 0 + w), dtype=types.INT64)
             images = fn.slice(images, anchor, crop, axis_names="HW", normalized_anchor=False, normalized_shape=False)
             mirror = 0
+        mean, std = normalisation(cfg, IMAGENET_MEAN, IMAGENET_STD)
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
-                                          mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])
+                                          mean=[255 * m for m in mean], std=[255 * s for s in std])
         labels = fn.cast(labels, dtype=types.INT64)  # int32 from readers.file, float32 from readers.mxnet
         if device == "gpu":
             labels = labels.gpu()

@@ -20,7 +20,7 @@ from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from deqlab.data.recordio import RecordIODataset, open_recordio
-from deqlab.data.vision import IMAGENET_MEAN, IMAGENET_STD, image_hw
+from deqlab.data.vision import IMAGENET_MEAN, IMAGENET_STD, image_hw, normalisation
 from deqlab.errors import DatasetError
 
 RRC_AREA, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
@@ -85,7 +85,8 @@ def torchvision_transform(cfg, augment: bool) -> transforms.Compose:
         tf = [transforms.RandomResizedCrop((h, w), scale=RRC_AREA, ratio=RRC_RATIO), transforms.RandomHorizontalFlip()]
     else:
         tf = [transforms.Resize(eval_resize((h, w))), transforms.CenterCrop((h, w))]
-    return transforms.Compose(tf + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    normalize = transforms.Normalize(*normalisation(cfg, IMAGENET_MEAN, IMAGENET_STD))
+    return transforms.Compose(tf + [transforms.ToTensor(), normalize])
 
 
 class _FileList(datasets.VisionDataset):

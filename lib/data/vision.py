@@ -46,6 +46,12 @@ def image_hw(cfg) -> tuple[int, int]:
     return int(size[1]), int(size[0])
 
 
+def normalisation(cfg, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input normalisation: ``DATASET.MEAN`` / ``DATASET.STD`` where set (one value per channel, checked by
+    the config rules), else the dataset's usual ``mean`` / ``std``."""
+    return (tuple(cfg.DATASET.MEAN) or mean), (tuple(cfg.DATASET.STD) or std)
+
+
 def _resize_if_needed(cfg, native: int) -> list:
     hw = image_hw(cfg)
     return [] if hw == (native, native) else [transforms.Resize(hw)]
@@ -87,10 +93,11 @@ def ensure_fashion_mnist_raw(folder: str) -> bool:
 
 
 def _small_image_transforms(cfg, native: int, pad: int, mean, std, augment: bool) -> transforms.Compose:
-    """Random crop (``pad``) + flip when ``augment``, a resize if MODEL.IMAGE_SIZE differs, then normalise."""
+    """Random crop (``pad``) + flip when ``augment``, a resize if MODEL.IMAGE_SIZE differs, then normalise
+    (``mean``/``std`` unless the config sets DATASET.MEAN/STD)."""
     tf = [transforms.RandomCrop(native, padding=pad), transforms.RandomHorizontalFlip()] if augment else []
     tf += _resize_if_needed(cfg, native)
-    return transforms.Compose(tf + [transforms.ToTensor(), transforms.Normalize(mean, std)])
+    return transforms.Compose(tf + [transforms.ToTensor(), transforms.Normalize(*normalisation(cfg, mean, std))])
 
 
 def build_fashion_mnist(cfg, folder: str, split: str, augment: bool):

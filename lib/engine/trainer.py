@@ -80,9 +80,10 @@ class Trainer:
         torch.manual_seed(cfg.SEED)  # identical initial weights on every rank
         self.model = self.task.build_model().to(self.device)
         if cfg.MODEL.PRETRAINED:
-            load_weights(self.model, cfg.MODEL.PRETRAINED, strict=False, exclude=self.task.pretrained_exclude)
+            load_weights(self.model, cfg.MODEL.PRETRAINED, strict=False, exclude=self.task.pretrained_exclude,
+                         fmt=cfg.MODEL.WEIGHTS_FORMAT)
         if cfg.TRAIN.MODEL_FILE:
-            load_weights(self.model, cfg.TRAIN.MODEL_FILE)
+            load_weights(self.model, cfg.TRAIN.MODEL_FILE, fmt=cfg.MODEL.WEIGHTS_FORMAT)
         self.net: nn.Module = self.model
         if self.dist.distributed:
             on_gpu = self.device.type == "cuda"

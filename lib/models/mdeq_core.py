@@ -10,6 +10,8 @@ The cell f(z; x) acts on a list of states, one per resolution (branch i has NUM_
 
 Module and parameter names follow locuslab/mdeq, so its released state_dicts load unchanged (the frozen
 ``fullstage_copy`` and the ``deq.func*`` aliases of the original are not kept; the loader drops them).
+:class:`CellNorm` says which convs are normalised and how (``MODEL.NORM_TYPE``, ``MODEL.NORM_LAYERS``: locuslab/mdeq's
+weight norm by default, torchdeq's layouts and spectral norm otherwise).
 
 Initial state (``MODEL.SKIP``; Skip DEQ, Pal et al. 2022, multiscale as ``MultiScaleSkipDeepEquilibriumNetwork``):
 ``none`` starts every branch from zeros; ``skip`` predicts each branch's state from the injection with
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,23 +39,55 @@ from torch import Tensor, nn
 
 from deqlab.deq import DEQ
 from deqlab.errors import ConfigError
-from deqlab.layers import CellRunner, VariationalDropout2d, WeightNormConv2d, conv3x3, reset_per_forward
+from deqlab.layers import (CellRunner, NormalisedWeightMixin, NormOptions, VariationalDropout2d, conv3x3, norm_conv2d,
+                           reset_per_forward)
 from deqlab.losses import Trajectory
 from deqlab.solvers import memory_options
 
 BN_MOMENTUM = 0.1
 
 
+@dataclass(frozen=True)
+class CellNorm:
+    """How the cell's convs are normalised: ``type`` (weight_norm, spectral_norm, none) on the conv groups in
+    ``parts`` (``blocks``: the residual blocks' conv1/conv2; ``fuse``: the fusion convs; ``post_fuse``: the 1x1
+    convs after fusion), with torchdeq's ``options``. locuslab/mdeq normalises blocks and post_fuse; torchdeq's
+    zoo all three on CIFAR and the blocks only on ImageNet (its ``filter_out='fuse_layers'`` also matches
+    ``post_fuse_layers``)."""
+
+    type: str = "weight_norm"
+    parts: tuple[str, ...] = ("blocks", "post_fuse")
+    options: NormOptions = NormOptions()
+
+    def kind(self, part: str) -> str:
+        """The normalisation of conv group ``part``."""
+        return self.type if part in self.parts else "none"
+
+    @classmethod
+    def from_config(cls, m: Any) -> "CellNorm":
+        """From ``cfg.MODEL``: ``NORM_TYPE`` auto follows ``WNORM`` (weight_norm or none); any other value decides."""
+        kind = m.NORM_TYPE
+        if kind == "auto":
+            kind = "weight_norm" if m.WNORM else "none"
+        elif not m.WNORM and kind != "none":
+            raise ConfigError(f"MODEL.WNORM False contradicts MODEL.NORM_TYPE {kind}: set MODEL.NORM_TYPE alone "
+                              f"(MODEL.WNORM only matters when MODEL.NORM_TYPE is auto)")
+        options = NormOptions(learn_scale=not m.NORM_NO_SCALE, target_norm=m.NORM_TARGET_NORM, clip=m.NORM_CLIP,
+                              clip_value=m.NORM_CLIP_VALUE, power_iters=m.SN_N_POWER_ITERS)
+        return cls(kind, tuple(m.NORM_LAYERS), options)
+
+
 class BasicBlock(nn.Module):
     """Residual block with an expanded hidden width; the injection enters before the second norm."""
 
-    def __init__(self, channels: int, expansion: int, num_groups: int, dropout: float, wnorm: bool,
+    def __init__(self, channels: int, expansion: int, num_groups: int, dropout: float, norm: CellNorm,
                  gn_affine: bool = True) -> None:
         super().__init__()
         hidden = expansion * channels
-        self.conv1 = conv3x3(channels, hidden, wnorm=wnorm)
+        kind = norm.kind("blocks")
+        self.conv1 = conv3x3(channels, hidden, norm=kind, options=norm.options)
         self.gn1 = nn.GroupNorm(num_groups, hidden, affine=gn_affine)
-        self.conv2 = conv3x3(hidden, channels, wnorm=wnorm)
+        self.conv2 = conv3x3(hidden, channels, norm=kind, options=norm.options)
         self.gn2 = nn.GroupNorm(num_groups, channels, affine=gn_affine)
         self.gn3 = nn.GroupNorm(num_groups, channels, affine=gn_affine)
         self.relu = nn.ReLU()
@@ -81,20 +116,22 @@ class BranchNet(nn.Module):
         return x
 
 
-def _conv_gn(in_ch: int, out_ch: int, groups: int, affine: bool, kernel: int, stride: int) -> list:
-    return [("conv", nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False)),
+def _conv_gn(in_ch: int, out_ch: int, groups: int, affine: bool, kernel: int, stride: int, norm: CellNorm) -> list:
+    conv = norm_conv2d(norm.kind("fuse"), in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False,
+                       options=norm.options)
+    return [("conv", conv),
             ("gnorm", nn.GroupNorm(groups, out_ch, affine=affine))]
 
 
 class DownsampleModule(nn.Module):
     """Branch j → i (j < i): i − j stride-2 3x3 convs; all but the last keep j's width and end in a relu."""
 
-    def __init__(self, channels: list[int], src: int, dst: int, num_groups: int, affine: bool) -> None:
+    def __init__(self, channels: list[int], src: int, dst: int, num_groups: int, affine: bool, norm: CellNorm) -> None:
         super().__init__()
         steps = []
         for k in range(dst - src):
             last = k == dst - src - 1
-            layers = _conv_gn(channels[src], channels[dst] if last else channels[src], num_groups, affine, 3, 2)
+            layers = _conv_gn(channels[src], channels[dst] if last else channels[src], num_groups, affine, 3, 2, norm)
             if not last:
                 layers.append(("relu", nn.ReLU()))
             steps.append(nn.Sequential(OrderedDict(layers)))
@@ -107,9 +144,9 @@ class DownsampleModule(nn.Module):
 class UpsampleModule(nn.Module):
     """Branch j → i (j > i): 1x1 conv, GroupNorm, nearest upsampling by 2^(j − i)."""
 
-    def __init__(self, channels: list[int], src: int, dst: int, num_groups: int, affine: bool) -> None:
+    def __init__(self, channels: list[int], src: int, dst: int, num_groups: int, affine: bool, norm: CellNorm) -> None:
         super().__init__()
-        layers = _conv_gn(channels[src], channels[dst], num_groups, affine, 1, 1)
+        layers = _conv_gn(channels[src], channels[dst], num_groups, affine, 1, 1, norm)
         layers.append(("upsample", nn.Upsample(scale_factor=2 ** (src - dst), mode="nearest")))
         self.net = nn.Sequential(OrderedDict(layers))
 
@@ -121,25 +158,26 @@ class MDEQModule(nn.Module):
     """The cell f: per-resolution residual blocks, then multiscale fusion (see the module docstring)."""
 
     def __init__(self, channels: list[int], num_blocks: list[int], expansion: int, num_groups: int,
-                 dropout: float, wnorm: bool, block_gn_affine: bool = True, fuse_gn_affine: bool = True,
+                 dropout: float, norm: CellNorm, block_gn_affine: bool = True, fuse_gn_affine: bool = True,
                  post_gn_affine: bool = True) -> None:
         super().__init__()
         n = len(channels)
         self.num_branches = n
         self.branches = nn.ModuleList(
-            BranchNet([BasicBlock(channels[i], expansion, num_groups, dropout, wnorm, block_gn_affine)
+            BranchNet([BasicBlock(channels[i], expansion, num_groups, dropout, norm, block_gn_affine)
                        for _ in range(num_blocks[i])])
             for i in range(n))
         self.fuse_layers = nn.ModuleList(
             nn.ModuleList(None if i == j else
-                          (UpsampleModule if j > i else DownsampleModule)(channels, j, i, num_groups, fuse_gn_affine)
+                          (UpsampleModule if j > i else DownsampleModule)(channels, j, i, num_groups, fuse_gn_affine,
+                                                                           norm)
                           for j in range(n))
             for i in range(n)) if n > 1 else None
-        post_conv = WeightNormConv2d if wnorm else nn.Conv2d
         self.post_fuse_layers = nn.ModuleList(
             nn.Sequential(OrderedDict([
                 ("relu", nn.ReLU()),
-                ("conv", post_conv(channels[i], channels[i], kernel_size=1, bias=False)),
+                ("conv", norm_conv2d(norm.kind("post_fuse"), channels[i], channels[i], kernel_size=1, bias=False,
+                                     options=norm.options)),
                 ("gnorm", nn.GroupNorm(num_groups // 2, channels[i], affine=post_gn_affine))]))
             for i in range(n))
 
@@ -235,7 +273,8 @@ class MDEQBackbone(nn.Module):
             nn.Conv2d(width, width, kernel_size=1, bias=False), nn.BatchNorm2d(width, momentum=BN_MOMENTUM),
             nn.ReLU())
         self.fullstage = MDEQModule(self.num_channels, list(stage.NUM_BLOCKS), m.EXPANSION_FACTOR, m.NUM_GROUPS,
-                                    m.DROPOUT, m.WNORM, m.BLOCK_GN_AFFINE, m.FUSE_GN_AFFINE, m.POST_GN_AFFINE)
+                                    m.DROPOUT, CellNorm.from_config(m), m.BLOCK_GN_AFFINE, m.FUSE_GN_AFFINE,
+                                    m.POST_GN_AFFINE)
         self.channels_last = m.CHANNELS_LAST
         self.cell = CellRunner(self.fullstage, m.COMPILE)
         self.skip = m.SKIP
@@ -254,12 +293,12 @@ class MDEQBackbone(nn.Module):
                        b_solver_options=memory_options(d.B_SOLVER, d.B_SOLVER_MEMORY, "DEQ.B_SOLVER_MEMORY"))
 
     def init_weights(self) -> None:
-        """The original's init: convs N(0, 0.01), BatchNorm affine (1, 0); weight norm g = ||v||."""
+        """The original's init: convs N(0, 0.01), BatchNorm affine (1, 0); weight norm g = ||v||; spectral norm
+        g = its target and fresh singular vectors."""
         for mod in self.modules():
-            if isinstance(mod, WeightNormConv2d):
-                nn.init.normal_(mod.weight_v, 0, 0.01)
-                with torch.no_grad():
-                    mod.weight_g.copy_(mod.weight_v.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1))
+            if isinstance(mod, NormalisedWeightMixin):
+                nn.init.normal_(mod.raw_weight(), 0, 0.01)
+                mod.reset_scale()
             elif isinstance(mod, nn.Conv2d):
                 nn.init.normal_(mod.weight, 0, 0.01)
                 if mod.bias is not None:

@@ -73,8 +73,8 @@ class Task:
         return max(1, self.cfg.DEQ.F_THRES + jitter)
 
     def load_weights(self, model: nn.Module, path: str) -> None:
-        """Load a checkpoint's weights for evaluation (all tensors must fit)."""
-        load_weights(model, path)
+        """Load a checkpoint's weights for evaluation (all tensors must fit; ``MODEL.WEIGHTS_FORMAT``)."""
+        load_weights(model, path, fmt=self.cfg.MODEL.WEIGHTS_FORMAT)
 
     def result_fields(self) -> dict[str, Any]:
         """Extra columns of the test tools' ``--results_name`` CSV row (e.g. a language model's mem_len)."""

@@ -1,0 +1,1 @@
+"""Compatibility with the original codebases' files and flags (locuslab/mdeq, locuslab/deq, locuslab/torchdeq)."""
