@@ -6,8 +6,9 @@
 writes ``OUT.rec``, ``OUT.idx``, ``OUT.lst`` (im2rec's list: key, label, path) and ``OUT.classes.txt`` (label,
 class folder). Labels are the sorted class-folder names' indices, as torchvision's ImageFolder numbers them.
 ``--resize N`` re-encodes every image with its shorter side at N pixels (JPEG ``--quality``); without it, JPEG
-files are stored byte for byte and other formats re-encoded as JPEG. Every file is written atomically, and
-existing ones are kept unless ``--force``.
+files are stored byte for byte and other formats re-encoded as JPEG. Every image is decoded first: a damaged
+one stops the packing with an error naming it. Every file is written atomically, and existing ones are kept
+unless ``--force``.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from tqdm import tqdm
 
+from deqlab.data.images import decode_image
 from deqlab.data.recordio import RecordIOWriter
 from deqlab.errors import DatasetError
 from deqlab.utils.files import atomic_open
@@ -28,11 +30,16 @@ OUTPUTS = (".rec", ".idx", ".lst", ".classes.txt")
 
 
 def encode(path: str, resize: int, quality: int) -> bytes:
-    """The bytes to store for the image at ``path`` (see the module docstring)."""
-    raw = Path(path).read_bytes()
-    if resize <= 0 and raw[:3] == b"\xff\xd8\xff":  # a JPEG already: store it unchanged
+    """The bytes to store for the image at ``path`` (see the module docstring); a DatasetError naming the file
+    when it cannot be decoded, so that no damaged image is packed (its reader would fail mid-training)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise DatasetError(f"cannot read image {path}: {err}") from None
+    if resize <= 0 and raw[:3] == b"\xff\xd8\xff":  # a JPEG already: checked, then stored unchanged
+        decode_image(raw, path, draft=True)
         return raw
-    image = Image.open(io.BytesIO(raw)).convert("RGB")
+    image = decode_image(raw, path, "RGB")
     if resize > 0:
         w, h = image.size
         scale = resize / min(w, h)
@@ -61,11 +68,7 @@ def make_recordio(src: str | Path, out: str | Path, resize: int = 0, quality: in
                            f"{' '.join(str(err).split())}") from None
     with RecordIOWriter(out) as writer:
         for path, label in tqdm(samples, desc=f"packing {src}", unit="img", disable=not progress):
-            try:
-                data = encode(path, resize, quality)
-            except OSError as err:
-                raise DatasetError(f"cannot read image {path}: {err}") from None
-            writer.write(label, data, str(Path(path).relative_to(src)))
+            writer.write(label, encode(path, resize, quality), str(Path(path).relative_to(src)))
     with atomic_open(str(out) + ".classes.txt", "w") as fh:
         fh.writelines(f"{i}\t{name}\n" for i, name in enumerate(classes))
     return writer.count
