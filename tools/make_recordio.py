@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 from pathlib import Path
 
 from PIL import Image
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from deqlab.data.images import decode_image
 from deqlab.data.recordio import RecordIOWriter
+from deqlab.engine.cli import run_tool
 from deqlab.errors import DatasetError
 from deqlab.utils.files import atomic_open
 
@@ -66,8 +66,9 @@ def make_recordio(src: str | Path, out: str | Path, resize: int = 0, quality: in
     except FileNotFoundError as err:
         raise DatasetError(f"--src {src} must hold one folder per class with images inside: "
                            f"{' '.join(str(err).split())}") from None
+    # leave=False: a bar stopped by a damaged image is erased, so the error line stands alone
     with RecordIOWriter(out) as writer:
-        for path, label in tqdm(samples, desc=f"packing {src}", unit="img", disable=not progress):
+        for path, label in tqdm(samples, desc=f"packing {src}", unit="img", disable=not progress, leave=False):
             writer.write(label, encode(path, resize, quality), str(Path(path).relative_to(src)))
     with atomic_open(str(out) + ".classes.txt", "w") as fh:
         fh.writelines(f"{i}\t{name}\n" for i, name in enumerate(classes))
@@ -82,13 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
     args = parser.parse_args(argv)
-    try:
-        count = make_recordio(args.src, args.out, args.resize, args.quality, args.force)
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    count = make_recordio(args.src, args.out, args.resize, args.quality, args.force)
     print(f"wrote {count} images to {args.out}.rec (index {args.out}.idx)")
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)
