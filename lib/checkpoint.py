@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -40,7 +41,9 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns on a plain pickle's protocol before failing: we say what it is
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # the unpickler fails in many ways on a damaged file
         content = _plain_pickle_content(path)
         if content is not None:
