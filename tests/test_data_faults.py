@@ -28,9 +28,9 @@ DALI_LOG = re.compile(r"\[ERROR\] .*\[libjpeg_turbo_decoder\] ")
 
 
 def cut(path, keep=0.5):
-    """Truncate ``path`` to ``keep`` of its bytes (a download or copy that stopped half-way)."""
+    """Truncate ``path`` to ``keep`` of its bytes (a fraction, or a byte count): a copy that stopped early."""
     data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)])
+    path.write_bytes(data[: int(len(data) * keep) if keep < 1 else keep])
 
 
 def run(args, timeout=240):
@@ -78,13 +78,14 @@ def evaluate(data, weights, tmp_path, *overrides):
     return proc
 
 
-def damaged_tree(good_root, tmp_path):
-    """A copy of the good tree whose val images 0 and 8 (in loading order: batches 0 and 1) are truncated."""
+def damaged_tree(good_root, tmp_path, keep=0.5, first=0):
+    """A copy of the good tree whose val images ``first`` and ``first + 8`` (in loading order: in two batches)
+    are truncated to ``keep``."""
     root = shutil.copytree(good_root, tmp_path / "imagenet")
     files = sorted((root / "val").rglob("*.JPEG"))
-    for path in (files[0], files[8]):
-        cut(path)
-    return root, files[0]
+    for path in (files[first], files[first + 8]):
+        cut(path, keep)
+    return root, files[first]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -94,11 +95,29 @@ def test_truncated_jpeg_in_a_class_folder(good, tmp_path, workers):
     assert "truncated" in line.lower()  # PIL's reason, kept whole
 
 
-def test_truncated_jpeg_with_dali(good, tmp_path):
+@pytest.mark.parametrize("keep", [0.5, 200])
+def test_truncated_jpeg_with_dali(good, tmp_path, keep):
+    """Cut in half, DALI names the file; cut to 200 bytes it says only "nvImageCodec failure", and the file is
+    found by decoding the images from the failing batch on."""
     pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed")
-    root, bad = damaged_tree(good[0], tmp_path)
+    root, bad = damaged_tree(good[0], tmp_path, keep, first=13)
     proc = evaluate(root, good[2], tmp_path, "DATASET.LOADER", "dali", "DATASET.DALI_DEVICE", "cpu", "WORKERS", 2)
-    assert_one_line_error(proc, f"error: {bad}: DALI cannot decode the image", dali=True)
+    assert_one_line_error(proc, f"error: {bad}: ", "cannot decode the image", dali=True)
+
+
+def test_truncated_jpeg_in_a_shuffled_dali_train_epoch(good, tmp_path):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed")
+    from deqlab.data import build_loader
+    from deqlab.errors import DatasetError
+
+    root = shutil.copytree(good[0], tmp_path / "imagenet")
+    bad = sorted((root / "train").rglob("*.JPEG"))[30]
+    cut(bad, 200)
+    cfg = load_config(CLS_CFG, IMAGENET_TINY_OVERRIDES + ["DATASET.ROOT", str(root), "DATASET.LOADER", "dali",
+                                                          "DATASET.DALI_DEVICE", "cpu", "WORKERS", "2"])
+    with pytest.raises(DatasetError) as err:
+        list(build_loader(cfg, "train"))
+    assert str(err.value).startswith(f"{bad}: cannot decode the image") and "\n" not in str(err.value)
 
 
 def write_bad_magic(good_rec, tmp_path, record=5):

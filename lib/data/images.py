@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable
 
 from PIL import Image
 
@@ -30,3 +33,24 @@ def decode_image(source: str | os.PathLike | bytes, name: str, mode: str | None 
     except DECODE_ERRORS as err:
         reason = " ".join(str(err).split()) or type(err).__name__
         raise DatasetError(f"{name}: cannot decode the image ({reason}); {hint}") from None
+
+
+def first_undecodable(images: Iterable[tuple[str, str | os.PathLike | bytes]], threads: int = 4,
+                      hint: str = "replace or remove the file", chunk: int = 256) -> str | None:
+    """The error message of the first of ``images`` (``(name, path or encoded bytes)`` pairs, read lazily in
+    chunks) that cannot be decoded, None when all can: for naming the file after a decoder that does not name
+    it failed. Each image is decoded in draft mode on ``threads`` threads (PIL releases the GIL)."""
+    def failure(item: tuple[str, str | os.PathLike | bytes]) -> str | None:
+        try:
+            decode_image(item[1], item[0], draft=True, hint=hint)
+        except DatasetError as err:
+            return str(err)
+        return None
+
+    items = iter(images)
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        while batch := list(itertools.islice(items, chunk)):
+            found = next((msg for msg in pool.map(failure, batch) if msg), None)
+            if found:
+                return found
+    return None

@@ -15,7 +15,7 @@ import os
 import struct
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 from torch.utils.data import Dataset
 
@@ -151,6 +151,13 @@ def read_image_record(fh, files: RecordFiles, i: int) -> tuple[float, bytes]:
     if flag != 0:  # flag > 0: `flag` float labels follow the header (multi-label records)
         raise DatasetError(f"{files.record(i)}: {flag} labels; one label per image expected")
     return label, payload[IMAGE_HEADER.size:]
+
+
+def record_images(files: RecordFiles, order: Iterable[int]) -> Iterator[tuple[str, bytes]]:
+    """``(record name, encoded image)`` of the records ``order`` lists, read lazily."""
+    with files.rec.open("rb") as fh:
+        for i in order:
+            yield files.record(i), read_image_record(fh, files, i)[1]
 
 
 class RecordIODataset(Dataset):
