@@ -23,8 +23,10 @@ pytestmark = [needs_debian_fashion, pytest.mark.timeout(300)]
 CLS_CFG = REPO / "experiments/imagenet/cls_mdeq_SMALL.yaml"
 SEG_CFG = REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml"
 CSV_HEADER = "config,checkpoint,split,seed,f_thres,perf\n"
-# DALI's image decoder (nvImageCodec) logs its own failures on stderr before raising; it has no quieter level.
-DALI_LOG = re.compile(r"\[ERROR\] .*\[libjpeg_turbo_decoder\] ")
+# DALI's image decoders (nvImageCodec, libjpeg-turbo) print their own diagnostics on stderr from C++ threads,
+# before the error reaches Python; there is no level that silences them (DALI_NVIMGCODEC_LOG_LEVEL=1 still shows
+# errors). They may land after a progress bar.
+DALI_LOG = re.compile(r"\[ERROR\] \S*\[\w+\] |Input file read error$")
 
 
 def cut(path, keep=0.5):
@@ -49,7 +51,7 @@ def assert_one_line_error(proc, *needles, dali=False):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     shown = [line.rsplit("\r", 1)[-1] for line in proc.stderr.split("\n")]
     lines = [line for line in shown if line.strip() and not (dali and DALI_LOG.search(line))]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
     for needle in needles:
         assert str(needle) in lines[0], lines[0]
     return lines[0]
