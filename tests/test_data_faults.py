@@ -108,18 +108,20 @@ def test_truncated_jpeg_with_dali(good, tmp_path, keep):
 
 
 def test_truncated_jpeg_in_a_shuffled_dali_train_epoch(good, tmp_path):
+    """Cut in half, not to 200 bytes: DALI 2.4's CPU image_random_crop sometimes segfaults on a JPEG cut to its
+    header (inside Pipeline.run, before any error reaches Python)."""
     pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed")
     from deqlab.data import build_loader
     from deqlab.errors import DatasetError
 
     root = shutil.copytree(good[0], tmp_path / "imagenet")
     bad = sorted((root / "train").rglob("*.JPEG"))[30]
-    cut(bad, 200)
+    cut(bad)
     cfg = load_config(CLS_CFG, IMAGENET_TINY_OVERRIDES + ["DATASET.ROOT", str(root), "DATASET.LOADER", "dali",
                                                           "DATASET.DALI_DEVICE", "cpu", "WORKERS", "2"])
     with pytest.raises(DatasetError) as err:
         list(build_loader(cfg, "train"))
-    assert str(err.value).startswith(f"{bad}: cannot decode the image") and "\n" not in str(err.value)
+    assert str(err.value) == f"{bad}: DALI cannot decode the image; replace or remove the file"
 
 
 def write_bad_magic(good_rec, tmp_path, record=5):
