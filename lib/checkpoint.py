@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -46,15 +47,67 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns on a plain pickle's protocol before failing: we say what it is
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # the unpickler fails in many ways on a damaged file
+        content = _plain_pickle_content(path)
+        if content is not None:
+            raise CheckpointError(f"checkpoint {path} is a plain pickle holding {content}, not a checkpoint or "
+                                  f"state_dict saved with torch.save") from None
         if (isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err)
                 and "Unsupported global" in str(err)):
             raise CheckpointError(
                 f"checkpoint {path} holds Python objects that weights-only loading refuses; if you trust the "
                 f"file, load it with deqlab.checkpoint.load_legacy_pickle") from None
-        raise CheckpointError(f"checkpoint {path} is not a readable checkpoint (corrupt or truncated?): "
-                              f"{' '.join(str(err).split())[:200]}") from None
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise CheckpointError(f"checkpoint {path} is not a readable checkpoint (corrupt or truncated?): {reason}") from None
+
+
+class _StandIn:
+    """What :class:`_InertUnpickler` makes of every global: accepts any construction and state, runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # a reconstructor called with the class to rebuild (copyreg._reconstructor, numpy's _reconstruct):
+        # the object is of that class
+        if args and isinstance(args[0], type) and issubclass(args[0], _StandIn):
+            self._kind = args[0]
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class _InertUnpickler(pickle.Unpickler):
+    """Reads a pickle's structure without importing or calling anything (every global is a ``_StandIn``), to say
+    what a file holds; torch's persistent ids (tensor storages) are refused."""
+
+    def find_class(self, module: str, name: str) -> type:
+        return type(name, (_StandIn,), {"__module__": module, "__qualname__": name})
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("a torch file (persistent ids), not a plain pickle")
+
+
+def _plain_pickle_content(path: Path) -> str | None:
+    """What a valid plain (not torch.save) pickle at ``path`` holds, e.g. ``a list``; None for anything else."""
+    try:
+        with path.open("rb") as fh:
+            obj = _InertUnpickler(fh).load()
+    except Exception:  # not a pickle, or a torch file: the caller reports it as unreadable
+        return None
+    if isinstance(obj, int) and obj == torch.serialization.MAGIC_NUMBER:  # torch's pre-1.6 (non-zip) format
+        return None
+    return describe(obj)
+
+
+def describe(obj: Any) -> str:
+    """A few words on what ``obj`` is, for errors about files that are not checkpoints: ``a dict with keys ...``."""
+    kind = obj._kind if isinstance(obj, _StandIn) and hasattr(obj, "_kind") else type(obj)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    text = f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+    if isinstance(obj, Mapping):
+        return f"{text} (keys: {_summary(map(str, obj))})" if obj else f"an empty {name}"
+    return text
 
 
 def load_legacy_pickle(path: PathLike, map_location: str | torch.device = "cpu") -> Any:
@@ -73,7 +126,8 @@ def state_dict_of(obj: Any, path: PathLike = "<checkpoint>") -> dict[str, torch.
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
-    raise CheckpointError(f"checkpoint {path} holds no model weights (expected a state_dict or a dict with 'model')")
+    raise CheckpointError(f"checkpoint {path} holds {describe(obj)}, not a checkpoint or state_dict (expected a dict "
+                          f"of tensors, or a dict with one under 'model' or 'state_dict')")
 
 
 def clean_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:

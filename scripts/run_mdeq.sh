@@ -22,6 +22,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 die() { echo "error: run_mdeq.sh: $*" >&2; exit 2; }
 need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
+# count FLAG VALUE MIN: VALUE must be a whole number >= MIN (bash's own test would only warn and go on)
+count() { [[ "$2" =~ ^[0-9]{1,9}$ ]] && [ "$((10#$2))" -ge "$3" ] || die "$1 expects a whole number >= $3, got '$2'"; }
 
 CFG=""; MODEL=SMALL; EVAL=0; RESUME=""; LOADER=""; NPROC=""; NNODES=1; NODE_RANK=0; RDZV=""; RESULTS=""
 KEYS=(); OVERRIDES=()
@@ -43,15 +45,16 @@ while [ $# -gt 0 ]; do
     --dali-cpu) KEYS+=(DATASET.DALI_DEVICE cpu); shift ;;
     --loader) need "$@"; LOADER=$2; shift 2 ;;
     --results_name) need "$@"; RESULTS=$2; shift 2 ;;
-    --nproc_per_node) need "$@"; NPROC=$2; shift 2 ;;
-    --nnodes) need "$@"; NNODES=$2; shift 2 ;;
-    --node_rank) need "$@"; NODE_RANK=$2; shift 2 ;;
+    --nproc_per_node) need "$@"; count "$1" "$2" 1; NPROC=$2; shift 2 ;;
+    --nnodes) need "$@"; count "$1" "$2" 1; NNODES=$2; shift 2 ;;
+    --node_rank) need "$@"; count "$1" "$2" 0; NODE_RANK=$2; shift 2 ;;
     --rdzv_endpoint) need "$@"; RDZV=$2; shift 2 ;;
     --*) die "unknown flag $1 (see the flags at the top of scripts/run_mdeq.sh)" ;;
     *) [ $# -ge 2 ] || die "config overrides come in KEY VALUE pairs; $1 has no value"
        OVERRIDES+=("$1" "$2"); shift 2 ;;
   esac
 done
+[ "$NODE_RANK" -lt "$NNODES" ] || die "--node_rank $NODE_RANK must be below --nnodes $NNODES (ranks count from 0)"
 CFG=${CFG:-experiments/imagenet/cls_mdeq_${MODEL}.yaml}
 [ -f "$CFG" ] || die "no config $CFG (--model is SMALL, LARGE or XL; --cfg names any file)"
 if [ -z "$LOADER" ]; then

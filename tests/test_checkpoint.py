@@ -97,3 +97,46 @@ def test_partial_transfer_skips_the_classifier(tmp_path):
     assert torch.equal(dst.body.weight, src.body.weight) and torch.equal(dst.classifier.weight, before)
     assert report["missing"] == [] and report["mismatched"] == []
     assert set(report["dropped"]) == {"classifier.weight", "classifier.bias"}
+
+
+def test_the_eval_tool_says_what_a_non_checkpoint_file_holds(tiny_run, capsys):
+    """tools/cls_valid.py's main (under run_tool, as its __main__ runs it) on files that are not checkpoints: one
+    line saying what each holds; a damaged checkpoint's reason in full (it used to be cut at 200 characters)."""
+    import collections
+    import pickle
+    import warnings
+
+    from deqlab.config import load_config
+    from deqlab.engine.cli import run_tool
+    from deqlab.engine.launch import test_main
+    from deqlab.models import build_model
+
+    path, overrides, tmp = tiny_run
+    with open(tmp / "list.pkl", "wb") as fh:
+        pickle.dump([1, 2, 3], fh)
+    with open(tmp / "counter.pkl", "wb") as fh:
+        pickle.dump(collections.Counter("abca"), fh, protocol=0)
+    torch.save({"epoch": 3, "lr": 0.1}, tmp / "meta.pth")
+    save_checkpoint(tmp / "full.pth", {"model": build_model(load_config(path, overrides)).state_dict()})
+    data = (tmp / "full.pth").read_bytes()
+    (tmp / "cut.pth").write_bytes(data[:4096])  # a copy that stopped after 4 KiB
+    with pytest.raises(Exception) as raw:
+        torch.load(tmp / "cut.pth", weights_only=True)
+    reason = f"{type(raw.value).__name__}: {' '.join(str(raw.value).split())}"
+    assert len(reason) > 200
+    expected = {
+        "list.pkl": "is a plain pickle holding a list, not a checkpoint or state_dict saved with torch.save",
+        "counter.pkl": "is a plain pickle holding a collections.Counter, not a checkpoint or state_dict",
+        "meta.pth": "holds a dict (keys: epoch, lr), not a checkpoint or state_dict (expected a dict of tensors",
+        "cut.pth": f"is not a readable checkpoint (corrupt or truncated?): {reason}",
+    }
+    for name, message in expected.items():
+        argv = ["--cfg", str(path), *overrides, "TEST.MODEL_FILE", str(tmp / name)]
+        with pytest.raises(SystemExit) as exit_, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_tool(lambda: test_main("cls", "evaluate", argv))
+        assert not [w for w in caught if "pickle" in str(w.message)]  # torch's protocol warning is not shown
+        lines = capsys.readouterr().err.splitlines()
+        assert exit_.value.code == 2 and len(lines) == 1, lines
+        assert lines[0].startswith(f"error: checkpoint {tmp / name} {message}"), lines[0]
+    assert lines[0].endswith(reason)  # the whole reason, not a prefix

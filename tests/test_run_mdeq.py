@@ -87,6 +87,21 @@ def test_bad_input(tree, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--nproc_per_node", "abc"], "--nproc_per_node expects a whole number >= 1, got 'abc'"),
+    (["--nproc_per_node", "0"], "--nproc_per_node expects a whole number >= 1, got '0'"),
+    (["--nproc_per_node", "99999999999999999999"], "--nproc_per_node expects a whole number >= 1"),
+    (["--nnodes", "2x"], "--nnodes expects a whole number >= 1, got '2x'"),
+    (["--node_rank", "-1"], "--node_rank expects a whole number >= 0, got '-1'"),
+    (["--nnodes", "2", "--node_rank", "2", "--rdzv_endpoint", "h:1"], "--node_rank 2 must be below --nnodes 2"),
+])
+def test_bad_numeric_launch_flags(tree, tmp_path, flags, message):
+    """Refused before anything starts (bash's own test used to warn and fall back to one process, exit 0)."""
+    proc = run_mdeq("--data", tree, "--save-path", tmp_path / "out", "DEVICE", "cpu", *flags)
+    assert_one_line_error(proc, f"error: run_mdeq.sh: {message}")
+    assert proc.stdout == "" and not (tmp_path / "out").exists()
+
+
 BLOCK_DALI = """
 import sys
 class _NoDali:  # this interpreter behaves as if NVIDIA DALI were not installed

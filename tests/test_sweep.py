@@ -12,6 +12,7 @@ import torch
 
 from deqlab.checkpoint import save_checkpoint
 from deqlab.config import load_config
+from deqlab.engine.cli import run_tool
 from deqlab.tasks import get_task
 from deqlab.utils.sweep import group_sweep, plot_sweep, read_rows, sweep_table
 
@@ -96,12 +97,24 @@ def test_lm_sweep_writes_one_row_per_budget(tmp_path):
     assert read_rows(out)[1] == "perplexity"
 
 
-def test_sweep_refuses_a_missing_checkpoint_and_bad_budgets(tiny_run):
-    path, overrides, _ = tiny_run
-    with pytest.raises(SystemExit):
-        sweep_tool.main(["--cfg", str(path), "--f_thres", "2", *overrides])
-    with pytest.raises(SystemExit):
-        sweep_tool.main(["--cfg", str(path), "--checkpoint", "x.pth", "--f_thres", "0", *overrides])
+def tool_error(main, argv, capsys):
+    """Run a tool's ``main(argv)`` as its ``__main__`` does (under run_tool): (exit code, stderr lines)."""
+    with pytest.raises(SystemExit) as exit_:
+        run_tool(lambda: main(argv))
+    return exit_.value.code, capsys.readouterr().err.splitlines()
+
+
+def test_sweep_refuses_a_missing_checkpoint_and_bad_budgets(tiny_run, capsys):
+    path, overrides, tmp = tiny_run
+    common = ["--cfg", str(path), "--results_name", str(tmp / "rows.csv")]
+    assert tool_error(sweep_tool.main, common + ["--f_thres", "2", *overrides], capsys) == (
+        2, ["error: --checkpoint CKPT (or TEST.MODEL_FILE) is required: the weights to sweep"])
+    for budgets, bad in ((["0"], "'0'"), (["4", "-2", "8"], "'-2'"), (["abc"], "'abc'")):
+        code, err = tool_error(sweep_tool.main, common + ["--checkpoint", "x.pth", "--f_thres", *budgets, *overrides],
+                               capsys)
+        assert code == 2 and err == [f"error: --f_thres expects forward solver budgets, whole numbers >= 1 "
+                                     f"(e.g. --f_thres 1 2 4 8), got {bad}"]
+    assert not (tmp / "rows.csv").exists()
     assert sweep_tool.split_budgets(["1", "8", "DEQ.F_EPS", "1e-3"]) == ([1, 8], ["DEQ.F_EPS", "1e-3"])
 
 
@@ -151,3 +164,16 @@ def test_plot_sweep_cli_writes_png_pdf_and_table(tmp_path):
     assert Image.open(tmp_path / "fig.png").size == (1200, 480)
     assert (tmp_path / "fig.pdf").read_bytes()[:4] == b"%PDF"
     assert "unrolled_18" in (tmp_path / "t.md").read_text()
+
+
+@pytest.mark.parametrize("out", ["plot.xyz", "plot"])
+def test_plot_sweep_refuses_an_unsupported_out_before_anything(tmp_path, out):
+    """One line listing the supported extensions, before the CSVs are read (a missing one is not reported)."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools/plot_sweep.py"), str(tmp_path / "absent.csv"), "--out",
+                           str(tmp_path / out), "--pdf", "--table", str(tmp_path / "t.md")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --out {tmp_path / out}: matplotlib cannot write "), lines
+    assert ".png" in lines[0] and ".pdf" in lines[0] and ".svg" in lines[0] and "absent.csv" not in lines[0]
+    assert list(tmp_path.iterdir()) == []

@@ -21,7 +21,14 @@ from deqlab.utils.sweep import BANDS, GROUP_BY, plot_sweep, read_sweeps, sweep_t
 from deqlab.utils.tool_help import help_format
 
 
-def main() -> None:
+def image_formats() -> list[str]:
+    """The file extensions matplotlib can write (png, pdf, svg, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(**help_format(__doc__))
     parser.add_argument("csv", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, default=None, help="image file (default: the first CSV's name, .png)")
@@ -31,10 +38,15 @@ def main() -> None:
     parser.add_argument("--band", choices=BANDS, default="std", help="spread over seeds: ± std (default) or min–max")
     parser.add_argument("--table", default="", metavar="FILE",
                         help="write a Markdown table of the numbers ('-': stdout)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, never a display
+        formats = image_formats()
+        if args.out is not None and args.out.suffix.lstrip(".").lower() not in formats:
+            kind = f"{args.out.suffix} files" if args.out.suffix else "a file without an extension"
+            raise ValueError(f"--out {args.out}: matplotlib cannot write {kind}; supported extensions: "
+                             f"{', '.join('.' + f for f in formats)}")
         rows, perf_label = read_sweeps(args.csv)
     except (ImportError, OSError, ValueError) as err:
         hint = "; pip install -e '.[plot]'" if isinstance(err, ImportError) else ""

@@ -27,6 +27,7 @@ from deqlab.engine.cli import config_from_args, run_tool, tool_parser
 from deqlab.engine.evaluator import eval_f_thres, evaluate
 from deqlab.engine.launch import append_results_row, load_for_test, results_row
 from deqlab.engine.trainer import setup_logging
+from deqlab.errors import ConfigError
 from deqlab.tasks import TASKS, get_task
 from deqlab.utils.dist import cleanup, init_distributed
 
@@ -65,17 +66,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = parser()
     parsed = p.parse_args(argv)
     budgets, overrides = split_budgets(parsed.f_thres)
-    if parsed.f_thres and not budgets:
-        p.error(f"--f_thres: expected integers, got {parsed.f_thres[0]!r}")
+    if (parsed.f_thres and not budgets) or (budgets and min(budgets) < 1):
+        bad = next((v for v in parsed.f_thres if not v.lstrip("-").isdigit() or int(v) < 1), parsed.f_thres[0])
+        raise ConfigError(f"--f_thres expects forward solver budgets, whole numbers >= 1 (e.g. --f_thres 1 2 4 8), "
+                          f"got {bad!r}")
     # --checkpoint is TEST.MODEL_FILE (last, so it wins): the rows name it as the test tools' rows do
     parsed.opts = overrides + list(parsed.opts) + (["TEST.MODEL_FILE", parsed.checkpoint] if parsed.checkpoint
                                                    else [])
     args, cfg = config_from_args(parsed)
     if not cfg.TEST.MODEL_FILE:
-        p.error("--checkpoint (or TEST.MODEL_FILE) is required")
+        raise ConfigError("--checkpoint CKPT (or TEST.MODEL_FILE) is required: the weights to sweep")
     budgets = budgets or [eval_f_thres(cfg)]
-    if min(budgets) < 1:
-        p.error(f"--f_thres: budgets must be >= 1, got {budgets}")
     task = get_task(args.task, cfg, full_test=True)
     dist_info = init_distributed(cfg.DEVICE, cfg.CPU_ALLOCATOR)
     setup_logging(dist_info.is_main)

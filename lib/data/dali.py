@@ -21,18 +21,25 @@ its reader streams across epoch boundaries, like a sampler that never drops a sa
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
+import re
 from typing import Any, Iterator
 
 import torch
 
 from deqlab.data.imagenet import CROP_FRACTION, RRC_AREA, RRC_RATIO, ImageSource, image_source
+from deqlab.data.images import first_undecodable
+from deqlab.data.recordio import REBUILD, first_bad_record, open_recordio, record_images
 from deqlab.data.vision import IMAGENET_MEAN, IMAGENET_STD, image_hw, normalisation
 from deqlab.errors import ConfigError, DatasetError
 
 INSTALL_HINT = ("pip install -e '.[dali]' (the CUDA 13 build, nvidia-dali-cuda130; nvidia-dali-cuda120 for "
                 "CUDA 12), or set DATASET.LOADER torchvision")
 READER = "reader"
+# DALI's pipeline errors: a header, the Python traceback of the operator, then what it "encountered".
+_DALI_NOISE = ("Critical error in pipeline", "Current pipeline object is no longer valid", "C++ context")
+_DECODE_FAILURE = re.compile(r"Failed to decode sample #\d+ : (.+?)(?: at index (\d+))?$")
 
 
 def dali_available() -> bool:
@@ -122,13 +129,49 @@ def _to_torch(batch, device: torch.device) -> torch.Tensor:
     return out
 
 
+def dali_error(err: RuntimeError, source: ImageSource, start: int = 0, threads: int = 4) -> DatasetError:
+    """DALI's multi-line pipeline failure as one line naming the file or record that failed.
+
+    DALI names the file for most decoding failures; when it does not (``nvImageCodec failure``, a reader's bad
+    magic number), the record headers, then the images from sample ``start`` on (where the failing batch began,
+    wrapping around), are checked with PIL on ``threads`` threads until the first bad one."""
+    _, found, tail = str(err).partition("encountered:")
+    lines = [line.strip() for line in (tail if found else str(err)).splitlines()]
+    reason = " ".join(line for line in lines if line and not line.startswith(_DALI_NOISE))
+    decode = _DECODE_FAILURE.search(reason)
+    if decode and decode.group(2) is not None and source.format == "rec":  # DALI's "index" is the byte offset
+        files, offset = open_recordio(source.rec), int(decode.group(2))
+        where = files.record(files.offsets.index(offset)) if offset in files.offsets else f"{source.rec} byte {offset}"
+        return DatasetError(f"{where}: DALI cannot decode the image; {REBUILD}")
+    if decode:
+        return DatasetError(f"{decode.group(1)}: DALI cannot decode the image; replace or remove the file")
+    if source.format == "rec":
+        files = open_recordio(source.rec)
+        bad = first_bad_record(files)
+        if bad:
+            return DatasetError(f"{bad}; {REBUILD}")
+        n = len(files.offsets)
+        bad = first_undecodable(record_images(files, _rotated(n, start)), threads, hint=REBUILD)
+    else:
+        bad = first_undecodable(((source.files[k], source.files[k]) for k in _rotated(len(source.files), start)),
+                                threads)
+    return DatasetError(bad or f"DALI cannot read {source.path}: {reason}")
+
+
+def _rotated(n: int, start: int) -> Iterator[int]:
+    """0..n-1 starting at ``start``."""
+    start = start % n if n else 0
+    return itertools.chain(range(start, n), range(start))
+
+
 class DaliLoader:
     """``(images, labels)`` batches from a DALI pipeline, ``len(loader)`` of them per epoch (see the module
     docstring for the sharding). An eval epoch left unfinished is drained before the next one starts."""
 
     def __init__(self, pipe: Any, shard_size: int, batch_size: int, num_batches: int, exact: bool,
-                 device: torch.device) -> None:
-        self.pipe, self.shard_size, self.batch_size = pipe, shard_size, batch_size
+                 device: torch.device, source: ImageSource, shard_start: int = 0) -> None:
+        self.pipe, self.shard_size, self.batch_size, self.source = pipe, shard_size, batch_size, source
+        self.shard_start = shard_start  # the first sample of this rank's shard, in the reader's order
         self.num_batches, self.exact, self.device = num_batches, exact, device
         self._position = 0  # batches of the current eval epoch already run
 
@@ -137,17 +180,24 @@ class DaliLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.exact:
-            for _ in range(self._position and self.num_batches - self._position):
-                self.pipe.run()
+            for k in range(self._position and self.num_batches - self._position):
+                self._run(self._position + k)
             self._position = 0
         for i in range(self.num_batches):
-            images, labels = self.pipe.run()
+            images, labels = self._run(i)
             x, y = _to_torch(images, self.device), _to_torch(labels, self.device).view(-1)
             if self.exact:
                 self._position = (i + 1) % self.num_batches
                 keep = self.shard_size - i * self.batch_size
                 x, y = x[:keep], y[:keep]
             yield x, y
+
+    def _run(self, batch: int):
+        try:
+            return self.pipe.run()
+        except RuntimeError as err:  # a shuffled (train) reader's order is unknown: the search starts at its shard
+            start = self.shard_start + (batch * self.batch_size if self.exact else 0)
+            raise dali_error(err, self.source, start, getattr(self.pipe, "num_threads", 4)) from None
 
 
 def build_dali_loader(cfg, folder: str, split: str, augment: bool, world_size: int = 1, rank: int = 0) -> DaliLoader:
@@ -168,14 +218,13 @@ def build_dali_loader(cfg, folder: str, split: str, augment: bool, world_size: i
         torch_device = torch.device("cuda", device_id)
     pipe = _pipeline(cfg, source, train, batch, rank, world_size, device, device_id, seed=int(cfg.SEED) + rank)
     size = pipe.reader_meta(READER)["epoch_size"]
-    if train:
-        shard_size = math.ceil(size / world_size)  # the largest shard: every rank runs as many steps
-    else:
-        lo, hi = shard_range(size, rank, world_size)
-        shard_size = hi - lo
+    lo, hi = shard_range(size, rank, world_size)
+    # train: the largest shard, so that every rank runs as many steps
+    shard_size = math.ceil(size / world_size) if train else hi - lo
     if shard_size == 0:
         raise DatasetError(f"imagenet: {source.path} has {size} {split} images, fewer than the {world_size} ranks")
-    return DaliLoader(pipe, shard_size, batch, math.ceil(shard_size / batch), exact=not train, device=torch_device)
+    return DaliLoader(pipe, shard_size, batch, math.ceil(shard_size / batch), exact=not train, device=torch_device,
+                      source=source, shard_start=lo)
 
 
 __all__ = ["DaliLoader", "build_dali_loader", "dali_available", "dali_device", "shard_range", "INSTALL_HINT"]

@@ -19,6 +19,7 @@ from typing import NamedTuple
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from deqlab.data.images import decode_image
 from deqlab.data.recordio import RecordIODataset, open_recordio
 from deqlab.data.vision import IMAGENET_MEAN, IMAGENET_STD, image_hw, normalisation
 from deqlab.errors import DatasetError
@@ -102,7 +103,7 @@ class _FileList(datasets.VisionDataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        return self.transform(datasets.folder.default_loader(path)), label
+        return self.transform(decode_image(path, path, "RGB")), label
 
 
 def build_imagenet(cfg, folder: str, split: str, augment: bool):

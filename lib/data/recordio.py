@@ -11,16 +11,15 @@ The layout is the one MXNet's ``im2rec`` writes:
 """
 from __future__ import annotations
 
-import io
 import os
 import struct
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
-from PIL import Image
 from torch.utils.data import Dataset
 
+from deqlab.data.images import decode_image
 from deqlab.errors import DatasetError
 from deqlab.utils.files import atomic_open
 
@@ -28,6 +27,7 @@ MAGIC = 0xCED7230A
 RECORD_HEAD = struct.Struct("<II")
 IMAGE_HEADER = struct.Struct("IfQQ")  # flag, label, id, id2 (native layout, as MXNet packs it)
 LENGTH_MASK = (1 << 29) - 1
+REBUILD = "rebuild the file with tools/make_recordio.py"
 
 
 def pack_image_record(label: float, key: int, image_bytes: bytes) -> bytes:
@@ -71,11 +71,35 @@ class RecordFiles(NamedTuple):
     rec: Path
     idx: Path
     offsets: list[int]
+    size: int  # of the .rec file, in bytes
+
+    def record(self, i: int) -> str:
+        """How an error names record ``i``."""
+        return f"{self.rec} record {i} (byte {self.offsets[i]})"
+
+
+def record_problem(fh, offset: int, size: int) -> str | None:
+    """What is wrong with the record at ``offset`` of the open ``.rec`` file ``fh`` of ``size`` bytes: None for a
+    single-piece record that fits in the file."""
+    fh.seek(offset)
+    head = fh.read(RECORD_HEAD.size)
+    if len(head) < RECORD_HEAD.size:
+        return f"no record there: the file has {size} bytes (truncated?)"
+    magic, length = RECORD_HEAD.unpack(head)
+    if magic != MAGIC:
+        return f"bad magic number 0x{magic:08x} (a record starts with 0x{MAGIC:08x}; damaged, or another index?)"
+    if length >> 29:
+        return "a record split in pieces (continuation flag set); only single-piece records are read"
+    end = offset + RECORD_HEAD.size + (length & LENGTH_MASK)
+    if end > size:
+        return f"truncated: the record ends at byte {end}, the file has {size}"
+    return None
 
 
 def open_recordio(rec: str | os.PathLike) -> RecordFiles:
     """Check ``rec`` and its ``.idx`` beside it before anything reads them; a one-line DatasetError says what is
-    wrong (missing index, empty, an offset outside the file, a record that runs past its end: truncated)."""
+    wrong (missing index, empty, an offset outside the file, a last record that runs past its end: truncated).
+    The records in between are checked as they are read (a full scan would read every record of a large file)."""
     rec = Path(rec)
     idx = rec.with_suffix(".idx")
     if not rec.is_file():
@@ -92,32 +116,48 @@ def open_recordio(rec: str | os.PathLike) -> RecordFiles:
             offsets.append(int(parts[1]))
     if not offsets:
         raise DatasetError(f"recordIO index {idx} lists no records")
-    size = rec.stat().st_size
-    last = max(offsets)
+    files = RecordFiles(rec, idx, offsets, rec.stat().st_size)
+    last = max(range(len(offsets)), key=offsets.__getitem__)
     with rec.open("rb") as fh:
-        fh.seek(last)
-        head = fh.read(RECORD_HEAD.size)
-    if last + RECORD_HEAD.size > size or RECORD_HEAD.unpack(head)[0] != MAGIC:
-        raise DatasetError(f"recordIO file {rec} does not match its index {idx}: no record at offset {last} "
-                           f"(file of {size} bytes; truncated or from another index?)")
-    end = last + RECORD_HEAD.size + (RECORD_HEAD.unpack(head)[1] & LENGTH_MASK)
-    if end > size:
-        raise DatasetError(f"recordIO file {rec} is truncated: its last record ends at byte {end}, the file has "
-                           f"{size}; copy or rebuild it")
-    return RecordFiles(rec, idx, offsets)
+        problem = record_problem(fh, offsets[last], files.size)
+    if problem:
+        raise DatasetError(f"recordIO file {rec} does not fit its index {idx}: {files.record(last)}: {problem}; "
+                           f"copy or rebuild both")
+    return files
 
 
-def read_image_record(fh, offset: int, where: str = "") -> tuple[float, bytes]:
-    """``(label, encoded image bytes)`` of the record at ``offset`` of the open ``.rec`` file ``fh``."""
-    fh.seek(offset)
-    magic, length = RECORD_HEAD.unpack(fh.read(RECORD_HEAD.size))
-    if magic != MAGIC or length >> 29:
-        raise DatasetError(f"{where}: no single-piece record at offset {offset} (bad magic or split record)")
+def first_bad_record(files: RecordFiles) -> str | None:
+    """``"<record>: <problem>"`` for the first record of ``files`` that cannot be read, None when all can.
+    Reads every record header: for naming the record after a reader failed."""
+    with files.rec.open("rb") as fh:
+        for i, offset in enumerate(files.offsets):
+            problem = record_problem(fh, offset, files.size)
+            if problem:
+                return f"{files.record(i)}: {problem}"
+    return None
+
+
+def read_image_record(fh, files: RecordFiles, i: int) -> tuple[float, bytes]:
+    """``(label, encoded image bytes)`` of record ``i`` of ``files``, read from its open ``.rec`` file ``fh``."""
+    problem = record_problem(fh, files.offsets[i], files.size)
+    if problem:
+        raise DatasetError(f"{files.record(i)}: {problem}; {REBUILD}")
+    fh.seek(files.offsets[i])
+    _, length = RECORD_HEAD.unpack(fh.read(RECORD_HEAD.size))
     payload = fh.read(length & LENGTH_MASK)
+    if len(payload) < IMAGE_HEADER.size:
+        raise DatasetError(f"{files.record(i)}: {len(payload)} bytes, too short for an image record's header")
     flag, label, _, _ = IMAGE_HEADER.unpack_from(payload)
     if flag != 0:  # flag > 0: `flag` float labels follow the header (multi-label records)
-        raise DatasetError(f"{where}: record at offset {offset} has {flag} labels; one label per image expected")
+        raise DatasetError(f"{files.record(i)}: {flag} labels; one label per image expected")
     return label, payload[IMAGE_HEADER.size:]
+
+
+def record_images(files: RecordFiles, order: Iterable[int]) -> Iterator[tuple[str, bytes]]:
+    """``(record name, encoded image)`` of the records ``order`` lists, read lazily."""
+    with files.rec.open("rb") as fh:
+        for i in order:
+            yield files.record(i), read_image_record(fh, files, i)[1]
 
 
 class RecordIODataset(Dataset):
@@ -136,8 +176,8 @@ class RecordIODataset(Dataset):
     def __getitem__(self, i: int):
         if self._fh is None or self._pid != os.getpid():
             self._fh, self._pid = self.files.rec.open("rb"), os.getpid()
-        label, data = read_image_record(self._fh, self.files.offsets[i], str(self.files.rec))
-        image = Image.open(io.BytesIO(data)).convert("RGB")
+        label, data = read_image_record(self._fh, self.files, i)
+        image = decode_image(data, self.files.record(i), "RGB", hint=REBUILD)
         return (self.transform(image) if self.transform else image), int(label)
 
     def __getstate__(self) -> dict:  # open file handles do not cross into worker processes

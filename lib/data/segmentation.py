@@ -32,6 +32,7 @@ from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from PIL import Image
 from torch.utils.data import Dataset
 
+from deqlab.data.images import decode_image
 from deqlab.data.vision import IMAGENET_MEAN, IMAGENET_STD
 from deqlab.errors import ConfigError, DatasetError
 
@@ -91,15 +92,6 @@ def _png_size(path: str) -> tuple[int, int]:
         with Image.open(path) as img:
             return img.size
     except OSError as err:  # unreadable / truncated / not an image (PIL raises OSError subclasses)
-        raise DatasetError(f"{path}: cannot read the image: {err}") from err
-
-
-def _open(path: str, mode: str | None = None) -> Image.Image:
-    """The decoded image, converted to ``mode`` when given (decoded here so that a bad file is named)."""
-    try:
-        with Image.open(path) as img:
-            return img.convert(mode) if mode else img.copy()
-    except OSError as err:
         raise DatasetError(f"{path}: cannot read the image: {err}") from err
 
 
@@ -212,8 +204,8 @@ class SegmentationList(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         item, aug = self.files[index], self.augment
-        image = _open(item.image, "RGB")
-        label = None if item.label is None else _open(item.label)
+        image = decode_image(item.image, item.image, "RGB")
+        label = None if item.label is None else decode_image(item.label, item.label)
         if label is not None:
             _check_sizes(item, image.size, label.size)
         if aug is not None and aug.multi_scale:
