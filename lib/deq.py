@@ -40,8 +40,9 @@ state is kept in at least float32 (a predictor under autocast returns half preci
 ``torch.no_grad()``) the solve still starts from z0 and ``info["skip_loss"]`` is None.
 
 Spectral radius (``spectral_radius=True``, a diagnostic). ``info["sradius"]`` = per-sample |λ_max| of
-J = ∂f/∂z at the solver's z*, by 50 steps of power iteration on v ↦ vᵀJ (``deqlab.regularizers.spectral_radius``,
-50 VJPs on one graph of f); None when not asked for or at a fixed depth (no equilibrium), as in both originals.
+J = ∂f/∂z at the solver's z*, by 50 steps of power iteration on v ↦ vᵀJ
+(``deqlab.regularizers.spectral_radius``: 50 VJPs on one graph of f); None when not asked for or at a fixed
+depth (no equilibrium), as in both originals.
 
 Phantom trajectory (``trajectory_every=k``, ``grad="phantom"``). ``info["trajectory"]`` lists every k-th of
 the damped phantom iterates, each with its graph, and always the last (which is the returned state): the

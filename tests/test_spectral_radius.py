@@ -19,7 +19,8 @@ from test_lm_engine import CFG as LM_CFG, LM_TINY, run
 
 pytestmark = pytest.mark.timeout(400)
 CLS_CFG = REPO / "experiments/fashion_mnist/cls_mdeq_quickstart.yaml"
-SRADIUS_LINE = re.compile(r"test: spectral radius of df/dz at z\* \(power iteration, mean of the evaluation\): ([0-9.]+)")
+SRADIUS_LINE = re.compile(r"test: spectral radius of df/dz at z\* \(power iteration, mean of the evaluation\): "
+                          r"([0-9.]+)")
 
 
 class DEQProbe:

@@ -103,7 +103,8 @@ def test_script_trains_on_a_data_folder_of_any_name(tmp_path):
     proc = subprocess.run(["bash", "scripts/wt103_deq_transformer.sh", "train", "--cfg", QUICKSTART, *LM_TINY,
                            "--data", str(corpus), "--dataset", "wt103", "--max_step", "2", "--eval-interval", "2",
                            "--work_dir", str(tmp_path / "LM-TFM"), "--name", "run"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test split, best weights" in proc.stdout
     assert (corpus / "deqlab_lm_cache.pt").is_file()  # the corpus was read there
