@@ -2,25 +2,21 @@
 ``python tools/run_files.py --cfg FILE [--keyed-by-seed] {config,log,checkpoint,best,final} [KEY VALUE ...]``.
 
 The same names the trainer uses (``deqlab.engine.run_files``): ``--keyed-by-seed`` for a run given its seed
-explicitly (``--seed N``), whose files carry the seed.
+explicitly (``--seed N``), whose files carry the seed. Takes the train tools' flags too (``--seed N``, the
+original flags), anywhere on the line, so a script can pass it the line it passes them.
 """
-import argparse
-
-from deqlab.config import load_config
-from deqlab.engine.cli import run_tool
+from deqlab.engine.cli import parse_config, run_tool, tool_parser
 from deqlab.engine.run_files import run_files
 
 FILES = ("config", "log", "checkpoint", "best", "final")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = tool_parser(__doc__.splitlines()[0])
     parser.add_argument("file", choices=FILES)
-    parser.add_argument("--cfg", required=True, help="the run's experiment YAML")
     parser.add_argument("--keyed-by-seed", action="store_true", help="the run was given its seed (--seed N)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="the run's overrides: KEY VALUE ...")
-    args = parser.parse_args()
-    print(getattr(run_files(load_config(args.cfg, args.opts), args.cfg, args.keyed_by_seed), args.file))
+    args, cfg = parse_config(parser)
+    print(getattr(run_files(cfg, args.cfg, args.keyed_by_seed or args.seed_explicit), args.file))
 
 
 if __name__ == "__main__":
