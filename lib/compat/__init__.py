@@ -16,6 +16,7 @@ so the launchers work from any install, not only from a checkout's ``tools/`` fo
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -104,8 +105,39 @@ def split_rest(rest: list[str], prog: str) -> list[str]:
     return list(rest)
 
 
+def _lists_last(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with each list flag (``--grad 5 ...``) and its values moved to the end, its values being the words
+    after it that its type reads: argparse would give it every word up to the next flag, the ``KEY VALUE`` pairs
+    after it too. The pairs keep their order."""
+    lists = {opt: action.type or str for action in parser._actions if action.nargs == "+"
+             for opt in action.option_strings}
+    head: list[str] = []
+    tail: list[str] = []
+    words_ = iter(argv)
+    word = next(words_, None)
+    while word is not None:
+        if word not in lists:
+            head.append(word)
+            word = next(words_, None)
+            continue
+        tail.append(word)
+        kind, word = lists[word], next(words_, None)
+        while word is not None and not word.startswith("--") and _reads(kind, word):
+            tail.append(word)
+            word = next(words_, None)
+    return head + tail
+
+
+def _reads(kind: Callable[[str], Any], word: str) -> bool:
+    try:
+        kind(word)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def parse_anywhere(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv`` with flags anywhere among the ``KEY VALUE`` pairs, which land in ``args.opts``."""
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(_lists_last(parser, sys.argv[1:] if argv is None else list(argv)))
     args.opts = split_rest(rest, parser.prog)
     return args

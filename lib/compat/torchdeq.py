@@ -70,6 +70,7 @@ FLAGS: dict[str, Flag] = {
     "--core": Flag(type=str, only="sliced",
                    refuse="deqlab's DEQ is torchdeq's sliced core (one solve, then the gradient steps); "
                           "there is no indexing core"),
+    "--grad": Flag(type=int, nargs="+", convert=_grad),  # before --ift, which replaces it (as in torchdeq)
     "--ift": Flag(type=None, convert=lambda _: ["DEQ.GRAD", "ift"]),
     "--hook_ift": Flag(type=None, convert=lambda _: ["DEQ.GRAD", "ift"]),  # deqlab's ift is a backward hook
     "--n_states": Flag(type=int, only=1,
@@ -77,7 +78,6 @@ FLAGS: dict[str, Flag] = {
     "--indexing": Flag(type=int, nargs="+",
                        refuse="deqlab supervises the phantom-gradient states (--sup_gap), not indexed solver states"),
     "--gamma": Flag(("LOSS.FPC_GAMMA",), float),
-    "--grad": Flag(type=int, nargs="+", convert=_grad),
     "--tau": Flag(("DEQ.PHANTOM_TAU",), float),
     "--sup_gap": Flag(type=int, convert=_sup_gap),
     "--sup_loc": Flag(type=int, nargs="+",
