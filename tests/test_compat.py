@@ -211,3 +211,17 @@ def test_zoo_cifar_lines_train_and_evaluate(tmp_path):
     assert [(r["checkpoint"], int(r["f_thres"]), int(r["count"])) for r in rows] == [(str(final), 2, 7),
                                                                                     (str(final), 4, 7)]
     assert float(rows[0]["fwd_steps"]) <= 2 < float(rows[1]["fwd_steps"])
+
+
+def test_tools_by_name_run_outside_a_checkout(tmp_path):
+    """python -m deqlab.compat.tools NAME (what the launchers run) needs no tools/ folder: run from elsewhere."""
+    cfg = REPO / "experiments/cifar/cls_mdeq_TINY.yaml"
+    proc = subprocess.run(tools_cmd("cls_valid", "--cfg", cfg, "DEQ.F_THRES", "3", "--percent", "2"), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "PERCENT must be" in proc.stderr
+
+
+def tools_cmd(name, *args):
+    from deqlab.compat import tools
+
+    return tools.command(name, list(map(str, args)))

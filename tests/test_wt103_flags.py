@@ -94,3 +94,10 @@ def test_script_refuses_unknown_flags_in_one_line():
     proc = subprocess.run(["bash", "scripts/wt103_deq_transformer.sh", "train", "--f_thresh", "30"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--f_thresh" in proc.stderr
+
+
+def test_flags_after_key_value_pairs():
+    (cmd,) = commands(shlex.split("train TRAIN.CLIP 0.5 --f_thres 20 LM.MEM_LEN 64 --wnorm --data d/"))
+    cfg = config_of(cmd)
+    assert (cfg.TRAIN.CLIP, cfg.DEQ.F_THRES, cfg.LM.MEM_LEN, cfg.MODEL.WNORM, cfg.DATASET.ROOT) == \
+        (0.5, 20, 64, True, "d/")

@@ -19,7 +19,7 @@ import sys
 
 from deqlab.compat import Flag, FlagParser, add_flags, overrides, parse_anywhere, words
 from deqlab.compat import mdeq, torchdeq, tools
-from deqlab.errors import ConfigError, DeqlabError
+from deqlab.errors import DeqlabError
 
 PROG = "run.sh"
 # the zoo's --cfg files -> deqlab's configs of their recipes (the zoockpt branch's file names)

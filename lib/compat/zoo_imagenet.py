@@ -122,7 +122,8 @@ def commands(argv: list[str]) -> list[list[str]]:
     torchrun = []
     if args.nnodes > 1:
         if not args.rdzv_endpoint:
-            raise ConfigError(f"{PROG}: --nnodes {args.nnodes} needs --rdzv_endpoint HOST:PORT (the same on every node)")
+            raise ConfigError(f"{PROG}: --nnodes {args.nnodes} needs --rdzv_endpoint HOST:PORT "
+                              "(the same on every node)")
         torchrun = ["--nnodes", str(args.nnodes), "--node_rank", str(args.node_rank), "--rdzv_backend", "c10d",
                     "--rdzv_endpoint", args.rdzv_endpoint]
     nproc = args.nproc_per_node if args.nproc_per_node is not None else gpu_count()
