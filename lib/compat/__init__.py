@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from deqlab.errors import ConfigError
@@ -36,7 +36,7 @@ class Flag:
     aliases: tuple[str, ...] = ()
     nargs: str | None = None
     refuse: str = ""
-    only: Any = field(default=None)
+    only: Any = None
     help: str = ""
 
 
@@ -68,10 +68,17 @@ def add_flags(parser: argparse.ArgumentParser, table: dict[str, Flag]) -> None:
     for flag, spec in table.items():
         names = (flag, *spec.aliases)
         if spec.type is None:
-            parser.add_argument(*names, dest=dest(flag), action="store_true", default=None, help=spec.help)
+            parser.add_argument(*names, dest=dest(flag), action="store_true", default=None, help=describe(spec))
         else:
             parser.add_argument(*names, dest=dest(flag), type=spec.type, nargs=spec.nargs, default=None,
-                                help=spec.help or (f"sets {', '.join(spec.keys)}" if spec.keys else None))
+                                help=describe(spec))
+
+
+def describe(spec: Flag) -> str | None:
+    """The ``--help`` line of a flag: its own, or what it sets, or why it is refused."""
+    if spec.refuse:
+        return f"refused{'' if spec.only is None else f' unless {spec.only}'}: {spec.refuse}"
+    return spec.help or (f"sets {', '.join(spec.keys)}" if spec.keys else None)
 
 
 def dest(flag: str) -> str:

@@ -21,6 +21,7 @@ from deqlab.compat import Flag, FlagParser, add_flags, overrides, parse_anywhere
 from deqlab.compat import mdeq, torchdeq, tools
 from deqlab.errors import DeqlabError
 
+DESCRIPTION = "the torchdeq zoo's CIFAR-10 MDEQ command line (run.sh, main.py) on deqlab's tools"
 PROG = "run.sh"
 # the zoo's --cfg files -> deqlab's configs of their recipes (the zoockpt branch's file names)
 ZOO_CONFIGS = {"configs/large.yaml": "experiments/cifar/cls_mdeq_zoo_large.yaml",
@@ -40,7 +41,7 @@ FLAGS: dict[str, Flag] = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = FlagParser(prog=PROG, allow_abbrev=False, description=__doc__.splitlines()[0],
+    p = FlagParser(prog=PROG, allow_abbrev=False, description=DESCRIPTION,
                    epilog="config overrides: KEY VALUE ... anywhere on the line")
     p.add_argument("--cfg", default=DEFAULT_CONFIG, help=f"a config file or a zoo name ({', '.join(ZOO_CONFIGS)}); "
                                                         "default: %(default)s")

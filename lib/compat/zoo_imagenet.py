@@ -22,6 +22,8 @@ from deqlab.compat import Flag, FlagParser, add_flags, overrides, parse_anywhere
 from deqlab.compat import torchdeq, tools
 from deqlab.errors import ConfigError, DeqlabError
 
+DESCRIPTION = ("the torchdeq zoo's ImageNet MDEQ command line (run_mdeq.sh, train_mdeq_imagenet.py) "
+               "on deqlab's tools")
 PROG = "run_mdeq.sh"
 ZOO_CONFIG = "experiments/imagenet/cls_mdeq_zoo_small.yaml"  # the zoo's run_mdeq.sh recipe (zoockpt's config)
 MODEL_CONFIG = "experiments/imagenet/cls_mdeq_{}.yaml"  # --model SMALL|LARGE|XL: locuslab/mdeq's v1 recipes
@@ -53,7 +55,7 @@ FLAGS: dict[str, Flag] = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = FlagParser(prog=PROG, allow_abbrev=False, description=__doc__.splitlines()[0],
+    p = FlagParser(prog=PROG, allow_abbrev=False, description=DESCRIPTION,
                    epilog="config overrides: KEY VALUE ... anywhere on the line")
     p.add_argument("--eval", action="store_true", help="evaluate --resume CKPT (TEST.MODEL_FILE) instead of training")
     p.add_argument("--resume", help="training: continue from this checkpoint (TRAIN.RESUME_FILE); --eval: the weights")
