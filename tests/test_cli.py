@@ -206,3 +206,16 @@ def test_flags_after_key_value_pairs(name, monkeypatch, capsys):
                           "PERCENT must be", "got 2")
     assert_one_line_error(run_in_process(name, line + ["--no_such_flag", "1"], monkeypatch, capsys),
                           "unknown flag --no_such_flag")
+
+
+def test_run_files_takes_the_tools_line(tmp_path):
+    """tools/run_files.py (the scripts' way to find a run's files and data) reads the line the tools get."""
+    cfg = ["--cfg", "experiments/austen/deq_transformer_quickstart.yaml"]
+    for name, line, expected in [
+        ("data", ["DATASET.ROOT", str(tmp_path / "corpus"), "--seed", "2"], tmp_path / "corpus" / "austen"),
+        ("final", ["OUTPUT_DIR", str(tmp_path), "--seed", "2"],
+         tmp_path / "austen" / "deq_transformer_quickstart" / "final_state_seed2.pth.tar"),
+        ("final", ["OUTPUT_DIR", str(tmp_path), "SEED", "4"],  # keyed by the seed, as the trainer keys it
+         tmp_path / "austen" / "deq_transformer_quickstart" / "final_state_seed4.pth.tar")]:
+        proc = run(tool("run_files.py") + cfg + [name, *line], tmp_path)
+        assert proc.returncode == 0 and proc.stdout.strip() == str(expected), proc.stderr[-2000:]

@@ -1,14 +1,15 @@
 """Print where a run writes a file, for shell scripts:
-``python tools/run_files.py --cfg FILE [--keyed-by-seed] {config,log,checkpoint,best,final} [KEY VALUE ...]``.
+``python tools/run_files.py --cfg FILE [--keyed-by-seed] {config,log,checkpoint,best,final,data} [KEY VALUE ...]``.
 
 The same names the trainer uses (``deqlab.engine.run_files``): ``--keyed-by-seed`` for a run given its seed
 explicitly (``--seed N``), whose files carry the seed. Takes the train tools' flags too (``--seed N``, the
-original flags), anywhere on the line, so a script can pass it the line it passes them.
+original flags), anywhere on the line, so a script can pass it the line it passes them. ``data``: the folder
+the run reads its dataset from (``deqlab.data.dataset_dir``).
 """
 from deqlab.engine.cli import parse_config, run_tool, tool_parser
 from deqlab.engine.run_files import run_files
 
-FILES = ("config", "log", "checkpoint", "best", "final")
+FILES = ("config", "log", "checkpoint", "best", "final", "data")
 
 
 def main() -> None:
@@ -16,6 +17,11 @@ def main() -> None:
     parser.add_argument("file", choices=FILES)
     parser.add_argument("--keyed-by-seed", action="store_true", help="the run was given its seed (--seed N)")
     args, cfg = parse_config(parser)
+    if args.file == "data":
+        from deqlab.data import dataset_dir
+
+        print(dataset_dir(cfg))
+        return
     print(getattr(run_files(cfg, args.cfg, args.keyed_by_seed or args.seed_explicit), args.file))
 
 
