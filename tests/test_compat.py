@@ -101,6 +101,8 @@ def test_torchdeq_flags_map_to_config_keys():
     assert (cfg.DEQ.GRAD, cfg.LOSS.FPC, cfg.TEST.F_THRES) == ("ift", False, 7)  # --ift replaces the phantom grad
     _, cfg = cifar("--hook_ift --f_solver anderson")
     assert (cfg.DEQ.GRAD, cfg.DEQ.F_SOLVER) == ("ift", "anderson")
+    _, cfg = cifar("--log_dir L --data_dir D --repeat 1 --modelDir M --percent 0.5")  # main.py's, locuslab/mdeq's
+    assert (cfg.LOG_DIR, cfg.DATA_DIR, cfg.OUTPUT_DIR, cfg.PERCENT) == ("L", "D", "M", 0.5)
 
 
 def test_eval_lines():
