@@ -12,6 +12,7 @@ import torch
 
 from deqlab.checkpoint import save_checkpoint
 from deqlab.config import load_config
+from deqlab.errors import ConfigError
 from deqlab.tasks import get_task
 from deqlab.utils.sweep import group_sweep, plot_sweep, read_rows, sweep_table
 
@@ -97,9 +98,10 @@ def test_lm_sweep_writes_one_row_per_budget(tmp_path):
 
 def test_sweep_refuses_a_missing_checkpoint_and_bad_budgets(tiny_run):
     path, overrides, _ = tiny_run
-    with pytest.raises(SystemExit):
+    # one-line errors (run_tool prints them, exit 2)
+    with pytest.raises(ConfigError, match=r"--checkpoint \(or TEST.MODEL_FILE\) is required"):
         sweep_tool.main(["--cfg", str(path), "--f_thres", "2", *overrides])
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="budgets must be >= 1"):
         sweep_tool.main(["--cfg", str(path), "--checkpoint", "x.pth", "--f_thres", "0", *overrides])
     assert sweep_tool.split_budgets(["1", "8", "DEQ.F_EPS", "1e-3"]) == ([1, 8], ["DEQ.F_EPS", "1e-3"])
 
