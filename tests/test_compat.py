@@ -4,6 +4,7 @@ import csv
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -227,3 +228,14 @@ def tools_cmd(name, *args):
     from deqlab.compat import tools
 
     return tools.command(name, list(map(str, args)))
+
+
+@pytest.mark.parametrize("codes, ran, status", [((0, 3), ["a", "b"], 3), ((4, 0), ["a"], 4)])
+def test_execute_runs_in_turn_and_stops_at_a_failure(codes, ran, status, tmp_path):
+    """wt103's evaluation runs two tools (valid, then test): the second only when the first succeeded."""
+    step = "import pathlib, sys; pathlib.Path(sys.argv[1]).touch(); sys.exit(int(sys.argv[2]))"
+    cmds = [[sys.executable, "-c", step, str(tmp_path / name), str(code)] for name, code in zip("ab", codes)]
+    proc = subprocess.run([sys.executable, "-c", "import sys; from deqlab.compat.tools import execute; "
+                           f"sys.exit(execute({cmds!r}))"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == status, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ran
