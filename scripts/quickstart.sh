@@ -15,8 +15,7 @@ if [ "$TASK" = lm ]; then
   pip_install_repo '.[lm]'
   CFG=${CFG:-experiments/austen/deq_transformer_quickstart.yaml}
   # the corpus folder the config names (data/austen by default)
-  DATA=$(python -c "import sys; from deqlab.config import load_config; from deqlab.data import dataset_dir; \
-print(dataset_dir(load_config(sys.argv[1], sys.argv[2:])))" "$CFG" "$@")
+  DATA=$(python tools/run_files.py --cfg "$CFG" data "$@")
   # Jane Austen's novels from Debian's r-cran-janeaustenr, in the WikiText layout (built once)
   [ -f "$DATA/train.txt" ] || python tools/make_austen_corpus.py --out "$DATA"
   python tools/lm_train.py --cfg "$CFG" "$@"

@@ -1,6 +1,7 @@
 """The tools as users run them: torchrun / torch.distributed.launch, cls_valid's CSV, one-line errors."""
 import csv
 import os
+import runpy
 import subprocess
 import sys
 
@@ -162,3 +163,59 @@ def test_bad_checkpoints_are_one_line_and_damage_nothing(trained):
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert after == before
     torch.load(out / "checkpoint.pth", weights_only=True)
+
+
+# Every tool that takes KEY VALUE overrides, with its own flags after the pairs (the README's and the seeds'
+# lines, with a flag appended); "--percent 2" last proves the flags after the pairs reached the config.
+FLAGS_AFTER_PAIRS = {
+    "cls_train.py": ["--cfg", "experiments/fashion_mnist/cls_mdeq_quickstart.yaml", "DEQ.F_THRES", "3", "--seed", "1"],
+    "cls_valid.py": ["--cfg", "experiments/cifar/cls_mdeq_TINY.yaml", "DEQ.F_THRES", "3", "--use_loss_as_perf",
+                     "--results_name", "r.csv", "--valid_on_train", "--testModel", "m.pth"],
+    "seg_train.py": ["--cfg", "experiments/fashion_scenes/seg_mdeq_quickstart.yaml", "TRAIN.END_EPOCH", "1",
+                     "--modelDir", "out"],
+    "seg_test.py": ["--cfg", "experiments/cityscapes/seg_mdeq_SMALL.yaml", "TEST.MULTI_SCALE", "True",
+                    "TEST.FLIP_TEST", "True", "--save_pred", "preds/", "--results_file", "r.csv"],
+    "lm_train.py": ["--cfg", "experiments/austen/deq_transformer_quickstart.yaml", "TRAIN.MAX_STEP", "2",
+                    "--seed", "2"],
+    "lm_eval.py": ["--cfg", "experiments/austen/deq_transformer_quickstart.yaml", "DATASET.TEST_SET", "test",
+                   "LM.MEM_LEN", "128", "--results_file", "lm_sweep.csv"],
+    "sweep.py": ["--cfg", "experiments/cifar/cls_mdeq_TINY.yaml", "DEQ.F_EPS", "1e-6", "--f_thres", "2", "4",
+                 "DEQ.F_THRES", "3", "--checkpoint", "c.pth", "--use_loss_as_perf", "--task", "cls"],
+    "run_files.py": ["--cfg", "experiments/cifar/cls_mdeq_TINY.yaml", "final", "OUTPUT_DIR", "o", "--seed", "3"],
+}
+NO_OVERRIDES = {"make_austen_corpus.py", "make_recordio.py", "plot_sweep.py"}  # plain argparse, no KEY VALUE
+
+
+def test_every_config_tool_is_covered():
+    assert {p.name for p in (REPO / "tools").glob("*.py")} == set(FLAGS_AFTER_PAIRS) | NO_OVERRIDES
+
+
+def run_in_process(name, args, monkeypatch, capsys):
+    """Run tools/NAME as ``python tools/NAME args`` would, in this process (a subprocess costs seconds each)."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", [str(REPO / "tools" / name), *args])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(REPO / "tools" / name), run_name="__main__")
+    return subprocess.CompletedProcess(args, exit_.value.code, *capsys.readouterr())
+
+
+@pytest.mark.parametrize("name", sorted(FLAGS_AFTER_PAIRS))
+def test_flags_after_key_value_pairs(name, monkeypatch, capsys):
+    line = FLAGS_AFTER_PAIRS[name]
+    assert_one_line_error(run_in_process(name, line + ["--percent", "2"], monkeypatch, capsys),
+                          "PERCENT must be", "got 2")
+    assert_one_line_error(run_in_process(name, line + ["--no_such_flag", "1"], monkeypatch, capsys),
+                          "unknown flag --no_such_flag")
+
+
+def test_run_files_takes_the_tools_line(tmp_path):
+    """tools/run_files.py (the scripts' way to find a run's files and data) reads the line the tools get."""
+    cfg = ["--cfg", "experiments/austen/deq_transformer_quickstart.yaml"]
+    for name, line, expected in [
+        ("data", ["DATASET.ROOT", str(tmp_path / "corpus"), "--seed", "2"], tmp_path / "corpus" / "austen"),
+        ("final", ["OUTPUT_DIR", str(tmp_path), "--seed", "2"],
+         tmp_path / "austen" / "deq_transformer_quickstart" / "final_state_seed2.pth.tar"),
+        ("final", ["OUTPUT_DIR", str(tmp_path), "SEED", "4"],  # keyed by the seed, as the trainer keys it
+         tmp_path / "austen" / "deq_transformer_quickstart" / "final_state_seed4.pth.tar")]:
+        proc = run(tool("run_files.py") + cfg + [name, *line], tmp_path)
+        assert proc.returncode == 0 and proc.stdout.strip() == str(expected), proc.stderr[-2000:]

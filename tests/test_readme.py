@@ -43,11 +43,6 @@ SKIP = {
     "python tools/cls_valid.py --cfg experiments/imagenet/cls_mdeq_SMALL.yaml":
         "the released checkpoint pretrained_models/MDEQ_Small_Cls.pkl and the real ImageNet",
 }
-# Blocks that put flags after KEY VALUE pairs, which the tools accept only from the `flags` branch on: the lead
-# removes this list when merging it, and these blocks then run like the others.
-NEEDS_FLAGS_ANYWHERE = {
-    "python tools/lm_train.py --cfg experiments/austen/": "lm_eval.py's --results_file after KEY VALUE pairs",
-}
 
 
 def readme_blocks() -> list[tuple[int, str]]:
@@ -138,7 +133,7 @@ def workdir(tmp_path_factory):
 
 @pytest.mark.parametrize("line,block", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
 def test_readme_block_runs(line, block, workdir):
-    reason = listed(block, SKIP) or listed(block, NEEDS_FLAGS_ANYWHERE)
+    reason = listed(block, SKIP)
     if reason:
         pytest.skip(f"README.md:{line}: {reason}")
     work, env = workdir
@@ -149,15 +144,14 @@ def test_readme_block_runs(line, block, workdir):
 
 
 def test_readme_skip_lists_name_existing_blocks(capsys):
-    """Every entry of SKIP and NEEDS_FLAGS_ANYWHERE matches exactly one block; prints both lists."""
-    for table in (SKIP, NEEDS_FLAGS_ANYWHERE):
-        for key in table:
-            matches = [line for line, block in BLOCKS if block.lstrip("\n").splitlines()[0].startswith(key)]
-            assert len(matches) == 1, f"{key!r} matches README blocks at lines {matches}, not exactly one"
+    """Every entry of SKIP matches exactly one block; prints the list."""
+    for key in SKIP:
+        matches = [line for line, block in BLOCKS if block.lstrip("\n").splitlines()[0].startswith(key)]
+        assert len(matches) == 1, f"{key!r} matches README blocks at lines {matches}, not exactly one"
     with capsys.disabled():
         print("\nREADME blocks not run by tests/test_readme.py:")
         for line, block in BLOCKS:
-            reason = listed(block, SKIP) or listed(block, NEEDS_FLAGS_ANYWHERE)
+            reason = listed(block, SKIP)
             if reason:
                 print(f"  README.md:{line}: {block.lstrip().splitlines()[0][:70]!r}: {reason}")
 

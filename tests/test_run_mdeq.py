@@ -1,6 +1,7 @@
 """scripts/run_mdeq.sh as ImageNet users run it: DALI (CPU) loaders, torchrun, test-time budget, bad input."""
 import csv
 import os
+import shlex
 import subprocess
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from conftest import COMPAT, IMAGENET_TINY_OVERRIDES, REPO, needs_compat, needs_debian_fashion, write_jpeg_tree
 from deqlab.config import load_config
 from deqlab.engine.evaluator import eval_f_thres
+from test_compat import ZOO_IMAGENET
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed: pip install -e '.[dali]' (scripts/test.sh does)")
 pytestmark = [needs_debian_fashion, pytest.mark.timeout(300)]
@@ -53,20 +55,31 @@ def test_eval_released_checkpoint_over_torchrun(tree, tmp_path):
     assert float(rows[2]["fwd_residual"]) < float(rows[0]["fwd_residual"])
 
 
-def test_train_then_resume_with_dali(tree, tmp_path):
+def test_zoo_line_trains_resumes_and_evaluates_with_dali(tree, tmp_path):
+    """deq-zoo's run_mdeq.sh line, verbatim, with tiny overrides appended (flags after them too): train one epoch,
+    continue for a second from --resume, then --eval --resume at a test-time budget (--eval_f_max_iter)."""
     save = tmp_path / "runs"
-    common = ["--data", tree, "--dali-cpu", "--batch-size", 16, "--workers", 1, "--save-path", save, "--lr", 0.01,
-              "--wd", 0, *IMAGENET_TINY_OVERRIDES]
-    first = run_mdeq(*common, "--epochs", 1)
+    zoo = shlex.split(ZOO_IMAGENET.replace("YOUR_DATA_PATH", str(tree)))
+    tiny = [*IMAGENET_TINY_OVERRIDES, "TRAIN.BATCH_SIZE_PER_GPU", 16, "TEST.BATCH_SIZE_PER_GPU", 16, "WORKERS", 1,
+            "OUTPUT_DIR", save, "LOG_DIR", save / "log", "--dali-cpu"]
+    first = run_mdeq(*zoo, *tiny, "TRAIN.END_EPOCH", 1)
     assert first.returncode == 0, first.stderr[-3000:]
-    run_dir = save / "imagenet" / "cls_mdeq_SMALL"
+    run_dir = save / "imagenet" / "cls_mdeq_zoo_small"
     config = (run_dir / "config.yaml").read_text()
     assert "LOADER: dali" in config and "DALI_DEVICE: cpu" in config and "END_EPOCH: 1" in config
-    assert (run_dir / "final_state.pth").is_file() and (save / "log" / "imagenet" / "cls_mdeq_SMALL").is_dir()
-    second = run_mdeq(*common, "--epochs", 2, "--resume", run_dir / "checkpoint.pth")
+    assert "F_SOLVER: fixed_point" in config and "NESTEROV: true" in config and "GRAD: phantom" in config
+    assert (run_dir / "final_state.pth").is_file() and (save / "log" / "imagenet" / "cls_mdeq_zoo_small").is_dir()
+    second = run_mdeq(*zoo, *tiny, "TRAIN.END_EPOCH", 2, "--resume", run_dir / "checkpoint.pth")
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoint.pth'} at epoch 1" in second.stdout
     assert "epoch 2/2" in second.stdout and "epoch 1/2 " not in second.stdout
+    csv_path = tmp_path / "budget.csv"
+    evaluate = run_mdeq(*zoo, "--eval", *tiny, "DEQ.F_EPS", "1e-12", "--resume", run_dir / "final_state.pth",
+                        "--eval_f_max_iter", 3, "--results_name", csv_path)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    (row,) = csv.DictReader(csv_path.open())
+    assert (int(row["f_thres"]), int(row["count"]), row["f_solver"]) == (3, 29, "fixed_point")
+    assert 0 < float(row["fwd_steps"]) <= 3
 
 
 def test_test_f_thres_leaves_training_alone():
@@ -127,7 +140,7 @@ def test_bad_recordio_and_missing_dali(tree, tmp_path):
     assert_one_line_error(run_mdeq(*evaluate), "has no index", str(data / "val.idx"))
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(BLOCK_DALI)
-    no_dali = {"PYTHONPATH": str(tmp_path / "site")}
+    no_dali = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")]))}
     proc = run_mdeq("--eval", "--data", tree, *MINI4, "--loader", "dali", "DEVICE", "cpu", env_extra=no_dali)
     assert_one_line_error(proc, "DATASET.LOADER dali", "NVIDIA DALI is not installed", "pip install -e '.[dali]'")
     proc = run_mdeq("--eval", "--data", tree, *MINI4, "DEVICE", "cpu", env_extra=no_dali)  # auto: torchvision

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import COMPAT, REPO, needs_compat
 from deqlab.config import load_config
-from deqlab.engine.wt103_flags import commands
+from deqlab.compat.wt103 import commands
 from deqlab.errors import ConfigError
 
 # DEQ-Sequence/wt103_deq_transformer.sh's training flags, verbatim
@@ -24,6 +24,11 @@ ORIGINAL_EVAL = ("train --data wikitext-103/ --load pretrained_wt103_deqtrans_v3
                  "--f_thres 18 --f_eps 1e-7 --f_solver broyden --pretrain_step 0 --debug --results_file res.csv")
 
 
+def tool_of(cmd):
+    """The deqlab tool a command line runs (python -m deqlab.compat.tools NAME ...)."""
+    return cmd[cmd.index("deqlab.compat.tools") + 1]
+
+
 def config_of(cmd):
     """The config a tool command line resolves to."""
     cfg_at = cmd.index("--cfg") + 1
@@ -35,7 +40,7 @@ def config_of(cmd):
 
 def test_training_flags_map_to_the_config_they_stand_for():
     (cmd,) = commands(shlex.split(ORIGINAL_TRAIN))
-    assert cmd[1].endswith("tools/lm_train.py")
+    assert tool_of(cmd) == "lm_train" and cmd[1:3] == ["-m", "deqlab.compat.tools"]  # one process
     cfg = config_of(cmd)
     t, m = cfg.MODEL.TRANSFORMER, cfg.MODEL
     assert (m.NAME, m.NUM_LAYERS, t.EVAL_N_LAYER, t.D_EMBED, t.D_MODEL, t.N_HEAD, t.D_HEAD, t.D_INNER, t.DIV_VAL) == \
@@ -56,7 +61,7 @@ def test_training_flags_map_to_the_config_they_stand_for():
 
 def test_the_seeds_evaluation_command():
     cmds = commands(shlex.split(ORIGINAL_EVAL))
-    assert [c[1].endswith("tools/lm_eval.py") for c in cmds] == [True, True]
+    assert [tool_of(c) for c in cmds] == ["lm_eval", "lm_eval"]
     assert cmds[0][cmds[0].index("--results_file") + 1] == "res.csv"
     valid, test = (config_of(c) for c in cmds)
     assert (valid.DATASET.TEST_SET, test.DATASET.TEST_SET) == ("valid", "test")
@@ -109,3 +114,10 @@ def test_script_trains_on_a_data_folder_of_any_name(tmp_path):
     assert "test split, best weights" in proc.stdout
     assert (corpus / "deqlab_lm_cache.pt").is_file()  # the corpus was read there
     assert (tmp_path / "LM-TFM" / "run" / "wikitext103" / "deq_transformer_quickstart" / "final_state.pth").is_file()
+
+
+def test_flags_after_key_value_pairs():
+    (cmd,) = commands(shlex.split("train TRAIN.CLIP 0.5 --f_thres 20 LM.MEM_LEN 64 --wnorm --data d/"))
+    cfg = config_of(cmd)
+    assert (cfg.TRAIN.CLIP, cfg.DEQ.F_THRES, cfg.LM.MEM_LEN, cfg.MODEL.WNORM, cfg.DATASET.ROOT) == \
+        (0.5, 20, 64, True, "d/")

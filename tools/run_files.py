@@ -1,31 +1,32 @@
 """Print where a run writes a file, for shell scripts:
-``python tools/run_files.py --cfg FILE [--keyed-by-seed] {config,log,checkpoint,best,final} [KEY VALUE ...]``.
+``python tools/run_files.py --cfg FILE [--keyed-by-seed] {config,log,checkpoint,best,final,data} [KEY VALUE ...]``.
 
 The same names the trainer uses (``deqlab.engine.run_files``): ``--keyed-by-seed`` for a run given its seed
-explicitly (``--seed N``), whose files carry the seed.
+explicitly (``--seed N``), whose files carry the seed. Takes the train tools' flags too (``--seed N``, the
+original flags), anywhere on the line, so a script can pass it the line it passes them. ``data``: the folder
+the run reads its dataset from (``deqlab.data.dataset_dir``).
 
 Example::
 
     python tools/run_files.py --cfg experiments/fashion_mnist/cls_mdeq_quickstart.yaml final OUTPUT_DIR runs
 """
-import argparse
-
-from deqlab.config import load_config
-from deqlab.engine.cli import run_tool
-from deqlab.utils.tool_help import help_format
+from deqlab.engine.cli import parse_config, run_tool, tool_parser
 from deqlab.engine.run_files import run_files
 
-FILES = ("config", "log", "checkpoint", "best", "final")
+FILES = ("config", "log", "checkpoint", "best", "final", "data")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(**help_format(__doc__))
+    parser = tool_parser(__doc__)
     parser.add_argument("file", choices=FILES)
-    parser.add_argument("--cfg", required=True, help="the run's experiment YAML")
     parser.add_argument("--keyed-by-seed", action="store_true", help="the run was given its seed (--seed N)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="the run's overrides: KEY VALUE ...")
-    args = parser.parse_args()
-    print(getattr(run_files(load_config(args.cfg, args.opts), args.cfg, args.keyed_by_seed), args.file))
+    args, cfg = parse_config(parser)
+    if args.file == "data":
+        from deqlab.data import dataset_dir
+
+        print(dataset_dir(cfg))
+        return
+    print(getattr(run_files(cfg, args.cfg, args.keyed_by_seed or args.seed_explicit), args.file))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import argparse
 import logging
 from typing import Any
 
+from deqlab.compat import parse_anywhere
 from deqlab.engine.cli import config_from_args, run_tool, tool_parser
 from deqlab.engine.evaluator import eval_f_thres, evaluate
 from deqlab.engine.launch import append_results_row, load_for_test, results_row
@@ -64,7 +65,7 @@ def split_budgets(values: list[str]) -> tuple[list[int], list[str]]:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the sweep; return the rows (also appended to ``--results_name`` by rank 0)."""
     p = parser()
-    parsed = p.parse_args(argv)
+    parsed = parse_anywhere(p, argv)
     budgets, overrides = split_budgets(parsed.f_thres)
     if (parsed.f_thres and not budgets) or (budgets and min(budgets) < 1):
         bad = next((v for v in parsed.f_thres if not v.lstrip("-").isdigit() or int(v) < 1), parsed.f_thres[0])

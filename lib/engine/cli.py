@@ -6,19 +6,19 @@ import os
 import sys
 from typing import Callable
 
+from deqlab.compat import FlagParser, add_flags, overrides, parse_anywhere
+from deqlab.compat import mdeq as mdeq_flags
 from deqlab.config import CfgNode, load_config
 from deqlab.errors import DeqlabError
 from deqlab.utils.tool_help import help_format
 
 
-# The original tools' flags, kept so their command lines keep working; each sets one config key.
-LEGACY_FLAGS = {"--modelDir": "OUTPUT_DIR", "--logDir": "LOG_DIR", "--dataDir": "DATA_DIR",
-                "--testModel": "TEST.MODEL_FILE", "--percent": "PERCENT"}
-
-
 def tool_parser(doc: str) -> argparse.ArgumentParser:
-    """The ``--cfg FILE [KEY VALUE ...]`` parser every train/test tool shares; ``doc``: the tool's module docstring."""
-    parser = argparse.ArgumentParser(**help_format(doc))
+    """The flags every tool takes (``doc``: the tool's module docstring, its ``--help``); ``KEY VALUE`` overrides
+    may come before, between or after them."""
+    fmt = help_format(doc)
+    fmt["epilog"] = "config overrides: KEY VALUE ... (anywhere on the line; they win over the flags)\n" + fmt["epilog"]
+    parser = FlagParser(allow_abbrev=False, **fmt)
     parser.add_argument("--cfg", required=True,
                         help="experiment YAML (experiments/<dataset>/*.yaml, as in the example above)")
     # python -m torch.distributed.launch passes --local-rank=N (--local_rank before torch 2.0); torchrun
@@ -27,9 +27,7 @@ def tool_parser(doc: str) -> argparse.ArgumentParser:
                         help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=None,
                         help="same as SEED N; the run's files then carry the seed (final_state_seedN.pth.tar)")
-    for flag, key in LEGACY_FLAGS.items():
-        parser.add_argument(flag, dest=flag.lstrip("-"), default=None, help=f"same as {key} (locuslab/mdeq flag)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    add_flags(parser, mdeq_flags.FLAGS)  # locuslab/mdeq's command lines keep working
     return parser
 
 
@@ -39,15 +37,15 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
     ``args.seed_explicit`` says whether the command line chose the seed (``--seed N`` or ``SEED N``): such a
     run's files are keyed by the seed, so several seeds can share an OUTPUT_DIR.
     """
-    return config_from_args(parser.parse_args(argv))
+    return config_from_args(parse_anywhere(parser, argv))
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[argparse.Namespace, CfgNode]:
-    """:func:`parse_config` for a command line already parsed (a tool that rearranges its arguments first)."""
+    """:func:`parse_config` for a command line already parsed by :func:`deqlab.compat.parse_anywhere` (a tool
+    that rearranges its arguments first)."""
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    flags = [item for flag, key in LEGACY_FLAGS.items() if getattr(args, flag.lstrip("-")) is not None
-             for item in (key, getattr(args, flag.lstrip("-")))]
+    flags = overrides(args, mdeq_flags.FLAGS)
     seed = ["SEED", str(args.seed)] if args.seed is not None else []
     args.seed_explicit = bool(seed) or "SEED" in args.opts[::2]
     return args, load_config(args.cfg, flags + list(args.opts) + seed)
