@@ -19,7 +19,7 @@ from typing import Any
 from deqlab.engine.cli import config_from_args, run_tool, tool_parser
 from deqlab.engine.evaluator import eval_f_thres, evaluate
 from deqlab.engine.launch import append_results_row, load_for_test, results_row
-from deqlab.engine.trainer import setup_logging
+from deqlab.engine.logs import setup_logging
 from deqlab.tasks import TASKS, get_task
 from deqlab.utils.dist import cleanup, init_distributed
 

@@ -12,7 +12,8 @@ from torch import nn
 
 from deqlab.engine.cli import parse_config, tool_parser
 from deqlab.engine.evaluator import eval_f_thres, evaluate
-from deqlab.engine.trainer import Trainer, setup_logging
+from deqlab.engine.logs import setup_logging
+from deqlab.engine.trainer import Trainer
 from deqlab.errors import ConfigError
 from deqlab.tasks import Task, get_task
 from deqlab.utils.dist import DistInfo, cleanup, init_distributed
@@ -24,10 +25,9 @@ def train_main(task: str, description: str, argv: list[str] | None = None) -> No
     """``--cfg FILE [--seed N] [KEY VALUE ...]``: train ``task`` on one process or under torchrun."""
     args, cfg = parse_config(tool_parser(description), argv)
     dist_info = init_distributed(cfg.DEVICE, cfg.CPU_ALLOCATOR)
-    setup_logging(dist_info.is_main)
+    setup_logging(dist_info.is_main, hold_for_log_file=True)  # train.log is written once the run has trained
     try:
         trainer = Trainer(cfg, args.cfg, dist_info, task=task, keyed_by_seed=args.seed_explicit)
-        setup_logging(dist_info.is_main, trainer.files.log)
         trainer.fit()
         trainer.final_test()
     finally:
