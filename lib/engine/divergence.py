@@ -23,7 +23,7 @@ from torch import distributed as dist
 
 from deqlab.errors import DeqlabError
 
-__all__ = ["TrainingDiverged", "StepCheck", "DivergenceGuard", "nonfinite_metrics"]
+__all__ = ["TrainingDiverged", "StepCheck", "DivergenceGuard", "nonfinite_metrics", "check_evaluation"]
 
 
 class TrainingDiverged(DeqlabError):
@@ -137,3 +137,10 @@ def nonfinite_metrics(metrics: dict[str, Any]) -> str:
     bad = [f"{label} {metrics[key]}" for key, label in (("loss", "loss"), ("fwd_residual", "forward residual"))
            if not math.isfinite(metrics[key])]
     return ", ".join(bad)
+
+
+def check_evaluation(metrics: dict[str, Any], model_file: str) -> None:
+    """Refuse, in one line, to report the metrics of an evaluation of ``model_file`` that went non-finite."""
+    bad = nonfinite_metrics(metrics)
+    if bad:
+        raise DeqlabError(f"evaluating {model_file} gave {bad}: the model diverges on this data, no metric to report")

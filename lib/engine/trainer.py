@@ -10,6 +10,7 @@ skipped, ``TRAIN.NONFINITE``; ``deqlab.engine.divergence``), and no non-finite s
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import time
@@ -109,6 +110,7 @@ class Trainer:
             self.resume(self.resume_from)
         elif cfg.TRAIN.RESUME:
             log.info("TRAIN.RESUME: no checkpoint at %s, starting from scratch", self.resume_from)
+        self.first_step = self.step  # where this process started: its files are written from the second step on
 
     def start_writing(self) -> None:
         """The run has trained: from now on (rank 0) it writes its config, log and tensorboard events, and may
@@ -269,17 +271,24 @@ class Trainer:
         return {k: v / max(count, 1) for k, v in totals.items()}
 
     def record(self, stats: dict[str, float], totals: dict[str, float], count: int, bar: tqdm) -> None:
-        """A trained step's numbers: summed into ``totals`` (``count`` steps), shown, written to tensorboard. The
-        first one starts the run's files (:meth:`start_writing`)."""
-        self.start_writing()
+        """A trained step's numbers: summed into ``totals`` (``count`` steps of this epoch), shown, written to
+        tensorboard. The second step of the run starts its files (:meth:`start_writing`): it has found the
+        weights of the first update finite."""
+        if self.step > self.first_step + 1:
+            self.start_writing()
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + v
         task_stats = {k: f"{totals[k] / count:.4g}" for k in stats if k not in TRAIN_STATS}
         bar.set_postfix(loss=f"{totals['loss'] / count:.3f}", **task_stats, nfe=f"{stats['fwd_steps']:.0f}",
                         lr=f"{stats['lr']:.2e}")
         if self.writer is not None and self.step % self.cfg.PRINT_FREQ == 0:
-            for k, v in stats.items():
-                self.writer.add_scalar(f"train/{k}", v, self.step)
+            self.add_scalars("train", stats)
+
+    def add_scalars(self, group: str, values: dict[str, Any]) -> None:
+        """The finite numbers of ``values`` to tensorboard (a perplexity overflowing to inf has no point to draw)."""
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.writer.add_scalar(f"{group}/{k}", v, self.step)
 
     def max_step_reached(self) -> bool:
         return 0 < self.cfg.TRAIN.MAX_STEP <= self.step
@@ -314,10 +323,6 @@ class Trainer:
                  self.task.describe(metrics), metrics["fwd_steps"], metrics["fwd_residual"],
                  time.time() - self.last_validation)
         if self.dist.is_main:
-            self.start_writing()
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"valid/{k}", v, self.step)
             score = metrics[self.task.best_metric]
             improved = self.best is None or (score > self.best if self.task.higher_is_better else score < self.best)
             self.best = score if improved else self.best
@@ -325,6 +330,7 @@ class Trainer:
             self.saved_step = self.step
             if improved:
                 self.save_weights(self.files.best, metrics)
+            self.add_scalars("valid", metrics)
         barrier()
         self.last_validation = time.time()
         return metrics
