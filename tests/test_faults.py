@@ -15,8 +15,11 @@ import torch
 
 from deqlab.checkpoint import load_checkpoint, nonfinite_tensors, save_checkpoint
 from deqlab.engine.cli import run_tool
-from deqlab.engine.launch import test_main, train_main
+from deqlab.engine import launch
 from deqlab.config import load_config
+from deqlab.engine import Trainer
+from deqlab.engine.divergence import TrainingDiverged
+from deqlab.tasks.classification import ClassificationTask
 from deqlab.tasks.language_model import LanguageModelTask
 
 from conftest import COMPAT, REPO, SEG_TINY_OVERRIDES, TINY_OVERRIDES, in_tmp, needs_compat, write_fashion_mnist, \
@@ -91,7 +94,7 @@ def test_divergence_stops_and_keeps_the_last_finite_checkpoint(task, tmp_path, c
         cfg, overrides, steps_per_epoch = SEG_CFG, in_tmp(SEG_TINY_OVERRIDES, tmp_path), 2
         run = tmp_path / "out" / "cityscapes" / "seg_mdeq_SMALL"
     argv = ["--cfg", str(cfg), *overrides, *HUGE_FROM_EPOCH_2, "TRAIN.END_EPOCH", "3", "TRAIN.RESUME", "False"]
-    line = assert_refused(call(capsys, lambda: train_main(task, "train", argv)), "holds the last finite state")
+    line = assert_refused(call(capsys, lambda: launch.train_main(task, "train", argv)), "holds the last finite state")
     assert diverged_step(line) > steps_per_epoch  # in epoch 2, where the learning rate is huge
     assert assert_all_finite(run) == {"checkpoint.pth", "model_best.pth"}  # no final_state.pth
     assert load_checkpoint(run / "checkpoint.pth")["step"] == steps_per_epoch  # epoch 1's, as it was
@@ -103,7 +106,7 @@ def seg_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("seg")
     write_seg_tree(tmp / "data")
     argv = ["--cfg", str(SEG_CFG), *in_tmp(SEG_TINY_OVERRIDES, tmp), "TRAIN.END_EPOCH", "1"]
-    train_main("seg", "train", argv + ["TRAIN.RESUME", "False"])
+    launch.train_main("seg", "train", argv + ["TRAIN.RESUME", "False"])
     return argv, tmp, tmp / "out" / "cityscapes" / "seg_mdeq_SMALL"
 
 
@@ -113,7 +116,7 @@ def test_failed_reruns_and_wrong_resume_files_leave_the_run_as_it_was(seg_run, t
     assert {Path(p).name for p in before} >= {"config.yaml", "train.log", "checkpoint.pth", "final_state.pth"}
 
     def train(*extra, task="seg", args=argv):
-        return call(capsys, lambda: train_main(task, "train", args + list(extra)))
+        return call(capsys, lambda: launch.train_main(task, "train", args + list(extra)))
 
     # a value that fails at the first batch, as a new run and as a resume of the good one
     assert_refused(train("DATASET.NUM_CLASSES", "5", "TRAIN.RESUME", "False"), "DATASET.NUM_CLASSES=5")
@@ -140,7 +143,7 @@ def test_non_finite_models_and_bad_outputs_are_refused_before_the_evaluation(seg
     state = load_checkpoint(good)
 
     def evaluate(model_file, *flags):
-        return call(capsys, lambda: test_main("seg", "test", [*flags, *argv, "TEST.MODEL_FILE", str(model_file)],
+        return call(capsys, lambda: launch.test_main("seg", "test", [*flags, *argv, "TEST.MODEL_FILE", str(model_file)],
                                               add_arguments=seg_test_tool.add_arguments,
                                               batch_hook=seg_test_tool.prediction_saver))
 
@@ -169,9 +172,9 @@ def test_non_finite_models_and_bad_outputs_are_refused_before_the_evaluation(seg
 def test_lm_divergence_perplexity_and_a_csv_of_other_rows(seg_run, tmp_path, capsys):
     shutil.copytree(COMPAT / "deq_transformer" / "corpus", tmp_path / "data" / "austen")
     argv = ["--cfg", str(LM_CFG), *in_tmp(LM_TINY, tmp_path), "TRAIN.MAX_STEP", "3"]
-    assert call(capsys, lambda: train_main("lm", "train", argv)) == (0, [])
+    assert call(capsys, lambda: launch.train_main("lm", "train", argv)) == (0, [])
     before = hashes(tmp_path / "out", tmp_path / "log")
-    line = assert_refused(call(capsys, lambda: train_main("lm", "train", argv + ["TRAIN.OPTIMIZER", "sgd",
+    line = assert_refused(call(capsys, lambda: launch.train_main("lm", "train", argv + ["TRAIN.OPTIMIZER", "sgd",
                                                                               "TRAIN.LR", "1e30"])), "is as it was")
     assert diverged_step(line) <= 2 and hashes(tmp_path / "out", tmp_path / "log") == before
     assert_all_finite(tmp_path / "out")
@@ -179,7 +182,7 @@ def test_lm_divergence_perplexity_and_a_csv_of_other_rows(seg_run, tmp_path, cap
     # rows of a segmentation evaluation, then a language-model sweep into the same file
     seg_argv, _, seg_dir = seg_run
     rows = tmp_path / "rows.csv"
-    assert call(capsys, lambda: test_main("seg", "test", ["--results_name", str(rows), *seg_argv, "TEST.MODEL_FILE",
+    assert call(capsys, lambda: launch.test_main("seg", "test", ["--results_name", str(rows), *seg_argv, "TEST.MODEL_FILE",
                                                           str(seg_dir / "final_state.pth")]))[0] == 0
     written = rows.read_bytes()
     model = tmp_path / "out" / "austen" / "deq_transformer_quickstart" / "final_state.pth"
@@ -198,3 +201,41 @@ def test_perplexity_of_a_diverged_loss_is_printed_short():
         texts.append(task.describe({**meter.result(), "loss": mean_nll}))
     assert texts == ["loss 6000000000.0000 ppl inf (64 tokens)", f"loss 700.0000 ppl {math.exp(700):.3e} (64 tokens)",
                      f"loss 5.0000 ppl {math.exp(5):.2f} (64 tokens)"]
+
+
+class BadBatches(ClassificationTask):
+    """Classification whose training loss is NaN at the given (1-based) training steps: a bad batch."""
+
+    def __init__(self, cfg, bad_steps):
+        super().__init__(cfg)
+        self.bad_steps, self.steps = set(bad_steps), 0
+
+    def forward(self, net, x, **kwargs):
+        self.steps += 1
+        return super().forward(net, x, **kwargs)
+
+    def loss(self, output, target):
+        loss = super().loss(output, target)
+        return loss * math.nan if torch.is_grad_enabled() and self.steps in self.bad_steps else loss
+
+
+def test_skip_mode_drops_non_finite_steps_up_to_the_bound(tiny_run):
+    path, overrides, tmp = tiny_run
+    overrides = overrides + ["TRAIN.LR_SCHEDULER", "constant", "TRAIN.PRECISE_BN_BATCHES", "0",
+                             "TRAIN.NONFINITE", "skip", "TRAIN.NONFINITE_MAX_SKIPS", "2"]
+
+    def fit(name, bad_steps, max_step, *extra):
+        cfg = load_config(path, overrides + ["OUTPUT_DIR", str(tmp / name), "TRAIN.MAX_STEP", str(max_step), *extra])
+        trainer = Trainer(cfg, path, task=BadBatches(cfg, bad_steps))
+        trainer.fit()
+        return load_checkpoint(trainer.files.final)["model"]
+
+    # steps 2 and 3 skipped: the weights and BatchNorm statistics are those after step 1
+    skipped, one_step = fit("skipped", {2, 3}, 3), fit("one_step", set(), 1)
+    assert [k for k in one_step if not torch.equal(skipped[k], one_step[k])] == []
+    with pytest.raises(TrainingDiverged, match=r"at step 4: the loss is nan \(after 2 steps skipped in a row"):
+        fit("bound", {2, 3, 4}, 4)
+    with pytest.raises(TrainingDiverged, match=r"at step 2: the loss is nan; nothing was saved"):
+        fit("stop", {2}, 3, "TRAIN.NONFINITE", "stop")
+    assert load_checkpoint(tmp / "bound" / "fashion_mnist" / "cls_mdeq_quickstart" / "checkpoint.pth")["step"] == 3
+    assert not (tmp / "stop").exists()  # stopped at its second step: nothing written

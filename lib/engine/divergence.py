@@ -41,7 +41,7 @@ def _float_buffers(model: nn.Module) -> list[Tensor]:
     return [b for b in model.buffers() if b.is_floating_point()]
 
 
-Undo = tuple[list[Tensor], dict[str, Any]]  # a skip-mode snapshot: buffer copies, the task's carried state
+Undo = tuple[list[Tensor], dict[str, Any]]  # a skip-mode snapshot: copies of the buffers, the task's carried state
 
 
 _VALUES = ("the loss", "the Jacobian loss", "the auxiliary loss", "the forward solve's residual")
@@ -103,11 +103,11 @@ class DivergenceGuard:
                                 f"clip the gradients (TRAIN.CLIP)")
 
     def snapshot(self, model: nn.Module, task: Any) -> Undo | None:
-        """In skip mode, what a step's forward changes besides the weights (floating-point buffers, the task's
-        carried state), to put back if the step is skipped; None in stop mode (nothing is copied)."""
+        """In skip mode, what a step's forward changes besides the weights (the buffers, e.g. BatchNorm statistics,
+        and the task's carried state), to put back if the step is skipped; None in stop mode (nothing is copied)."""
         if self.mode != "skip":
             return None
-        return [b.detach().clone() for b in _float_buffers(model)], task.state_dict()
+        return [b.detach().clone() for b in model.buffers()], task.state_dict()
 
     def skip(self, step: int, check: StepCheck, undo: Undo | None, model: nn.Module,
              task: Any) -> str:
@@ -125,7 +125,7 @@ class DivergenceGuard:
             bound = f" (after {self.max_skips} steps skipped in a row, TRAIN.NONFINITE_MAX_SKIPS)" if undo else ""
             raise self.stop(step, problem + bound)
         buffers, task_state = undo
-        for buffer, saved in zip(_float_buffers(model), buffers):
+        for buffer, saved in zip(model.buffers(), buffers):
             buffer.copy_(saved)
         task.load_state_dict(task_state, next(model.parameters()).device)
         return problem
