@@ -44,20 +44,22 @@ seg_test_tool, sweep_tool = load_tool("seg_test"), load_tool("sweep")
 
 
 def call(capsys, main):
-    """Run a tool's ``main`` as the tool does (``run_tool``); (exit code, the stderr lines that are errors)."""
+    """Run a tool's ``main`` as the tool does (``run_tool``): (exit code, the stderr lines that are errors,
+    stdout)."""
     capsys.readouterr()
     try:
         run_tool(main)
         code = 0
     except SystemExit as end:
         code = end.code
-    err = capsys.readouterr().err.replace("\r", "\n")
+    out, err = capsys.readouterr()
+    err = err.replace("\r", "\n")
     assert "Traceback" not in err, err
-    return code, [line for line in err.splitlines() if "error" in line]
+    return code, [line for line in err.splitlines() if "error" in line], out
 
 
 def assert_refused(result, *fragments):
-    code, errors = result
+    code, errors, _ = result
     assert code == 2 and len(errors) == 1 and errors[0].startswith("error: "), result
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
@@ -152,11 +154,13 @@ def test_non_finite_models_and_bad_outputs_are_refused_before_the_evaluation(seg
     save_checkpoint(nan_model, state)
     assert_refused(evaluate(nan_model), "holds a diverged model", "1 of", "last_layer.3.bias")
     # finite weights whose forward overflows: the evaluation is non-finite, no metric is printed
-    state["model"] = {k: v * 1e30 if k.startswith("last_layer.3.") else v for k, v in load_checkpoint(good)["model"].items()}
+    state["model"] = {k: v * 1e30 if k.startswith("last_layer.3.") else v
+                      for k, v in load_checkpoint(good)["model"].items()}
     huge_model = tmp_path / "huge.pth"
     save_checkpoint(huge_model, state)
-    assert_refused(evaluate(huge_model), "gave loss")
-    assert "mIoU" not in capsys.readouterr().out
+    result = evaluate(huge_model)
+    assert_refused(result, "gave loss")
+    assert "mIoU" not in result[2] and "mIoU" in evaluate(good)[2]
 
     a_file, a_folder = tmp_path / "preds.png", tmp_path / "rows"
     a_file.write_bytes(b"not a folder")
@@ -172,7 +176,7 @@ def test_non_finite_models_and_bad_outputs_are_refused_before_the_evaluation(seg
 def test_lm_divergence_perplexity_and_a_csv_of_other_rows(seg_run, tmp_path, capsys):
     shutil.copytree(COMPAT / "deq_transformer" / "corpus", tmp_path / "data" / "austen")
     argv = ["--cfg", str(LM_CFG), *in_tmp(LM_TINY, tmp_path), "TRAIN.MAX_STEP", "3"]
-    assert call(capsys, lambda: launch.train_main("lm", "train", argv)) == (0, [])
+    assert call(capsys, lambda: launch.train_main("lm", "train", argv))[:2] == (0, [])
     before = hashes(tmp_path / "out", tmp_path / "log")
     line = assert_refused(call(capsys, lambda: launch.train_main("lm", "train", argv + ["TRAIN.OPTIMIZER", "sgd",
                                                                               "TRAIN.LR", "1e30"])), "is as it was")
@@ -182,8 +186,9 @@ def test_lm_divergence_perplexity_and_a_csv_of_other_rows(seg_run, tmp_path, cap
     # rows of a segmentation evaluation, then a language-model sweep into the same file
     seg_argv, _, seg_dir = seg_run
     rows = tmp_path / "rows.csv"
-    assert call(capsys, lambda: launch.test_main("seg", "test", ["--results_name", str(rows), *seg_argv, "TEST.MODEL_FILE",
-                                                          str(seg_dir / "final_state.pth")]))[0] == 0
+    seg_model = str(seg_dir / "final_state.pth")
+    assert call(capsys, lambda: launch.test_main("seg", "test", ["--results_name", str(rows), *seg_argv,
+                                                                 "TEST.MODEL_FILE", seg_model]))[0] == 0
     written = rows.read_bytes()
     model = tmp_path / "out" / "austen" / "deq_transformer_quickstart" / "final_state.pth"
     line = assert_refused(call(capsys, lambda: sweep_tool.main(["--task", "lm", "--checkpoint", str(model),

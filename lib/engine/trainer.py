@@ -3,8 +3,9 @@
 The task (``deqlab.tasks``) supplies the model, loaders, loss and metrics; this file does the rest once.
 A run's files are named in ``deqlab.engine.run_files``: the resolved config, ``train.log``, a resume
 checkpoint written after every epoch, the best and the final weights, tensorboard events. Only rank 0 writes,
-and only once the run has trained a step: a rerun that fails before (a bad value, a resume file that does not
-fit) leaves an earlier run's files in its folder as they were. A step that goes non-finite stops the run (or is
+and only from the run's second step on (its first update found finite) or its first save: a rerun that fails
+before (a bad value, a resume file that does not fit, an immediate divergence) leaves the files an earlier run
+left in its folder as they were. A step that goes non-finite stops the run (or is
 skipped, ``TRAIN.NONFINITE``; ``deqlab.engine.divergence``), and no non-finite state is ever saved.
 """
 from __future__ import annotations
@@ -102,7 +103,7 @@ class Trainer:
         self.last_validation = time.time()
         self.guard = DivergenceGuard(cfg, self.kept_files)
         self.saved_step: int | None = None  # the step of the last checkpoint this run wrote
-        self.writer: Any = None  # tensorboard, from the first trained step on (start_writing)
+        self.writer: Any = None  # tensorboard, once the run starts writing (start_writing)
         self.resume_from = Path(cfg.TRAIN.RESUME_FILE) if cfg.TRAIN.RESUME_FILE else self.files.checkpoint
         if cfg.TRAIN.RESUME_FILE and not self.resume_from.is_file():
             raise CheckpointError(f"TRAIN.RESUME_FILE {self.resume_from} not found")
@@ -113,8 +114,8 @@ class Trainer:
         self.first_step = self.step  # where this process started: its files are written from the second step on
 
     def start_writing(self) -> None:
-        """The run has trained: from now on (rank 0) it writes its config, log and tensorboard events, and may
-        replace the files an earlier run left in its folder."""
+        """The run has trained (see :meth:`record`): from now on (rank 0) it writes its config, log and tensorboard
+        events, and may replace the files an earlier run left in its folder."""
         if self.writer is not None or not self.dist.is_main:
             return
         dump_config(self.cfg, self.files.config)
