@@ -1,8 +1,8 @@
 """A diverging run stops (or skips the step) instead of training on, and saving, NaNs and infinities.
 
 Once per training step, in the one host sync that fetches the loss anyway, the trainer learns whether the loss,
-the Jacobian or auxiliary loss, the gradients, or the weights and buffers as the previous step left them hold a
-NaN or an infinity; the forward solve's residual comes with the solver summary it already fetches.
+the Jacobian or auxiliary loss, the forward solve's residual, the gradients, or the weights and buffers as the
+previous step left them hold a NaN or an infinity.
 ``TRAIN.NONFINITE stop`` (the default) ends the run there, with one line naming the step and what went
 non-finite; the run's files stay as its last finite validation wrote them. ``skip`` drops the step's update
 (and what its forward did to BatchNorm statistics and the task's carried state, e.g. a language model's memory),
@@ -109,8 +109,7 @@ class DivergenceGuard:
             return None
         return [b.detach().clone() for b in model.buffers()], task.state_dict()
 
-    def skip(self, step: int, check: StepCheck, undo: Undo | None, model: nn.Module,
-             task: Any) -> str:
+    def skip(self, step: int, check: StepCheck, undo: Undo | None, model: nn.Module, task: Any) -> str:
         """'' when step ``step`` (1-based) is finite. In skip mode, within the bound, put ``undo`` back and
         return what went non-finite: the caller drops the update. Otherwise raise :class:`TrainingDiverged`."""
         if check.bad_weights:  # the previous update is done: nothing to skip
