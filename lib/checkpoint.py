@@ -78,10 +78,12 @@ def nonfinite_tensors(obj: Any, prefix: str = "") -> tuple[list[str], int]:
             return [], 0
         return ([] if bool(torch.isfinite(obj).all()) else [prefix or "<tensor>"]), 1
     items = obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    bad, total = [], 0
+    bad: list[str] = []
+    total = 0
     for key, value in items:
         names, count = nonfinite_tensors(value, f"{prefix}.{key}" if prefix else str(key))
-        bad, total = bad + names, total + count
+        bad.extend(names)
+        total += count
     return bad, total
 
 
