@@ -130,6 +130,28 @@ def state_dict_of(obj: Any, path: PathLike = "<checkpoint>") -> dict[str, torch.
                           f"of tensors, or a dict with one under 'model' or 'state_dict')")
 
 
+def nonfinite_tensors(obj: Any, prefix: str = "") -> tuple[list[str], int]:
+    """The names of the floating-point tensors in ``obj`` (nested dicts, lists and tuples, e.g. a state_dict or
+    a whole resume checkpoint) holding a NaN or an infinity, and how many floating-point tensors it holds."""
+    if isinstance(obj, torch.Tensor):
+        if not obj.is_floating_point():
+            return [], 0
+        return ([] if bool(torch.isfinite(obj).all()) else [prefix or "<tensor>"]), 1
+    items = obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    bad: list[str] = []
+    total = 0
+    for key, value in items:
+        names, count = nonfinite_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+        bad.extend(names)
+        total += count
+    return bad, total
+
+
+def describe_nonfinite(names: list[str], total: int) -> str:
+    """``"34 of 35 tensors non-finite (a, b, ...)"``: how a message names a diverged model's tensors."""
+    return f"{len(names)} of {total} tensors non-finite ({_summary(names, 3)})"
+
+
 def clean_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Strip wrapper prefixes and drop alias/loss entries; return the clean dict and the dropped names."""
     clean, dropped = {}, []
@@ -184,6 +206,9 @@ def load_weights(model: nn.Module, path: PathLike, strict: bool = True,
     """
     model = getattr(model, "module", model)  # unwrap DDP
     state, dropped = clean_state_dict(state_dict_of(load_checkpoint(path), path))
+    bad, total = nonfinite_tensors(state)
+    if bad:  # the weights of a diverged run: nothing to train from or evaluate
+        raise CheckpointError(f"checkpoint {path} holds a diverged model: {describe_nonfinite(bad, total)}")
     if dropped:
         log.info("%s: dropped %d alias/loss entries (%s)", path, len(dropped),
                  ", ".join(sorted({n.split(".")[0] + "." for n in dropped})))

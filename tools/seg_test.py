@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from deqlab.engine.cli import run_tool
-from deqlab.engine.launch import test_main
+from deqlab.engine.launch import check_output, test_main
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +51,7 @@ def prediction_saver(args: argparse.Namespace, cfg: Any, loader: Any) -> Callabl
     if not args.save_pred:
         return None
     out = Path(args.save_pred)
+    check_output(out, "--save_pred", folder=True)  # before the evaluation, not at its first batch
     out.mkdir(parents=True, exist_ok=True)
     names = [loader.dataset.files[j].name for j in loader.sampler]  # this rank's shard, in order
     batch, colours = loader.batch_size, palette(cfg)

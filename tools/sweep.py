@@ -25,9 +25,11 @@ from typing import Any
 
 from deqlab.compat import parse_anywhere
 from deqlab.engine.cli import config_from_args, run_tool, tool_parser
+from deqlab.engine.divergence import check_evaluation
 from deqlab.engine.evaluator import eval_f_thres, evaluate
-from deqlab.engine.launch import append_results_row, load_for_test, results_row
-from deqlab.engine.trainer import setup_logging
+from deqlab.engine.launch import (append_results_row, check_output, check_results_csv, load_for_test, results_columns,
+                                  results_row)
+from deqlab.engine.logs import setup_logging
 from deqlab.errors import ConfigError
 from deqlab.tasks import TASKS, get_task
 from deqlab.utils.dist import cleanup, init_distributed
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parsed.opts = overrides + list(parsed.opts) + (["TEST.MODEL_FILE", parsed.checkpoint] if parsed.checkpoint
                                                    else [])
     args, cfg = config_from_args(parsed)
+    if args.results_name:
+        check_output(args.results_name, "--results_name")
     if not cfg.TEST.MODEL_FILE:
         raise ConfigError("--checkpoint CKPT (or TEST.MODEL_FILE) is required: the weights to sweep")
     budgets = budgets or [eval_f_thres(cfg)]
@@ -85,8 +89,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     try:
         model, loader = load_for_test(task, split, dist_info)
+        if args.results_name:  # every rank: the columns come from an (empty) evaluation, summed over ranks
+            check_results_csv(args.results_name, results_columns(args.cfg, task, split, model, dist_info.device))
         for budget in budgets:
             metrics = evaluate(task, model, loader, dist_info.device, f_thres=budget, desc=f"F_THRES {budget}")
+            check_evaluation(metrics, cfg.TEST.MODEL_FILE)
             perf = metrics["loss"] if args.use_loss_as_perf else metrics[task.best_metric]
             row = results_row(args.cfg, task, split, budget, perf, metrics)
             rows.append(row)
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if dist_info.is_main:
         label = "loss" if args.use_loss_as_perf else task.perf_label
         for row in rows:
-            print(f"F_THRES {row['f_thres']:>3}: {split} {label} {row['perf']:.4f}  "
+            print(f"F_THRES {row['f_thres']:>3}: {split} {label} {row['perf']:.6g}  "
                   f"steps {row['fwd_steps']:.2f}  f evals {row['fwd_nfe']:.2f}  residual {row['fwd_residual']:.2e}")
     return rows
 

@@ -258,6 +258,12 @@ _C.TRAIN.RESUME = False         # resume from OUTPUT_DIR/.../checkpoint.pth if i
 _C.TRAIN.RESUME_FILE = ""       # ours: resume from this checkpoint (model, optimizer, schedule, epoch) instead;
                                 # the run's own checkpoint.pth is still where it saves
 _C.TRAIN.MODEL_FILE = ""        # full weights to start training from (all tensors must match)
+_C.TRAIN.NONFINITE = "stop"     # ours: a step whose loss, gradients, solver residual or weights go NaN/inf "stop"s
+                                # the run (one line naming the step; the files keep the last finite state), or is
+                                # "skip"ped (its update dropped, as AMP's GradScaler does; weights already
+                                # non-finite still stop). stop is the default: a DEQ that diverged rarely recovers
+                                # by dropping batches, and skipping would hide it (deqlab.engine.divergence)
+_C.TRAIN.NONFINITE_MAX_SKIPS = 10  # ours, NONFINITE skip: stop after this many skipped steps in a row
 _C.TRAIN.BATCH_SIZE_PER_GPU = 32
 _C.TRAIN.SHUFFLE = True
 # ours: before each evaluation, run PRECISE_BN_BATCHES training batches (no grad) to measure the BatchNorm
@@ -280,7 +286,8 @@ allow("TRAIN", OPTIMIZER=registered("deqlab.engine.optim", "OPTIMIZERS", case_se
       EVAL_INTERVAL=integer(lo=0), LR_FACTOR=number(lo=0, lo_open=True),
       LR_STEP=list_of(integer(lo=0)), WD=number(lo=0), MOMENTUM=number(0, 1, hi_open=True), CLIP=number(),
       PRETRAIN_STEPS=integer(lo=0), BEGIN_EPOCH=integer(lo=0), END_EPOCH=integer(lo="TRAIN.BEGIN_EPOCH"),
-      MODEL_FILE=ANY, RESUME_FILE=ANY, BATCH_SIZE_PER_GPU=integer(lo=1), IMAGE_SIZE=_SIZE, BASE_SIZE=integer(lo=1),
+      MODEL_FILE=ANY, NONFINITE=choice("stop", "skip"), NONFINITE_MAX_SKIPS=integer(lo=1),
+      RESUME_FILE=ANY, BATCH_SIZE_PER_GPU=integer(lo=1), IMAGE_SIZE=_SIZE, BASE_SIZE=integer(lo=1),
       DOWNSAMPLERATE=integer(lo=1), IGNORE_LABEL=integer(0, 255), SCALE_FACTOR=integer(lo=0),
       PRECISE_BN_BATCHES=integer(lo=0))
 

@@ -2,14 +2,18 @@
 
 The task (``deqlab.tasks``) supplies the model, loaders, loss and metrics; this file does the rest once.
 A run's files are named in ``deqlab.engine.run_files``: the resolved config, ``train.log``, a resume
-checkpoint written after every epoch, the best and the final weights, tensorboard events. Only rank 0 writes.
+checkpoint written after every epoch, the best and the final weights, tensorboard events. Only rank 0 writes,
+and only from the run's second step on (its first update found finite) or its first save: a rerun that fails
+before (a bad value, a resume file that does not fit, an immediate divergence) leaves the files an earlier run
+left in its folder as they were. A step that goes non-finite stops the run (or is
+skipped, ``TRAIN.NONFINITE``; ``deqlab.engine.divergence``), and no non-finite state is ever saved.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,10 +22,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from deqlab.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from deqlab.checkpoint import describe_nonfinite, load_checkpoint, load_weights, nonfinite_tensors, save_checkpoint
 from deqlab.config import dump_config
 from deqlab.data import set_epoch
+from deqlab.engine.divergence import DivergenceGuard, StepCheck, nonfinite_metrics
 from deqlab.engine.evaluator import autocast_context, eval_f_thres, evaluate, solver_summary
+from deqlab.engine.logs import attach_log_file
 from deqlab.engine.optim import build_optimizer, build_scheduler, observe_validation
 from deqlab.engine.precise_bn import log_gap, recompute_bn_stats
 from deqlab.engine.run_files import run_files
@@ -30,16 +36,6 @@ from deqlab.tasks import Task, get_task
 from deqlab.utils.dist import DistInfo, barrier, init_distributed, to_device
 
 log = logging.getLogger("deqlab")
-
-
-def setup_logging(is_main: bool, log_file: Path | None = None) -> None:
-    """Rank 0 logs INFO to stdout (and ``log_file``); other ranks only warnings."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if is_main and log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
 def jac_loss_weight(cfg: Any, step: int, epoch: int) -> float:
@@ -52,6 +48,8 @@ def jac_loss_weight(cfg: Any, step: int, epoch: int) -> float:
     return cfg.LOSS.JAC_LOSS_WEIGHT + 0.1 * (deq_steps // cfg.LOSS.JAC_INCREMENTAL)
 
 
+# What a resume checkpoint holds beyond a weights-only file (final_state.pth, model_best.pth).
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step")
 # The engine's own per-step numbers; a task adds its own (accuracy, pixel accuracy) next to them.
 TRAIN_STATS = ("loss", "jac_loss", "aux_loss", "fwd_steps", "fwd_nfe", "fwd_residual", "bwd_steps", "bwd_nfe",
                "bwd_vjps", "bwd_residual", "lr")
@@ -105,14 +103,42 @@ class Trainer:
         self.batch_in_epoch = 0  # batches of the current epoch already trained (a mid-epoch checkpoint's position)
         self.pending_rng: dict[str, Any] | None = None
         self.last_validation = time.time()
+        self.guard = DivergenceGuard(cfg, self.kept_files)
+        self.saved_step: int | None = None  # the step of the last checkpoint this run wrote
+        self.writer: Any = None  # tensorboard, once the run starts writing (start_writing)
         self.resume_from = Path(cfg.TRAIN.RESUME_FILE) if cfg.TRAIN.RESUME_FILE else self.files.checkpoint
         if cfg.TRAIN.RESUME_FILE and not self.resume_from.is_file():
             raise CheckpointError(f"TRAIN.RESUME_FILE {self.resume_from} not found")
-        self.writer = None
-        if self.dist.is_main:  # written only once the config, weights and data have all been accepted
-            dump_config(cfg, self.files.config)
-            from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(str(self.tb_dir))
+        if cfg.TRAIN.RESUME_FILE or (cfg.TRAIN.RESUME and self.resume_from.is_file()):
+            self.resume(self.resume_from)
+        elif cfg.TRAIN.RESUME:
+            log.info("TRAIN.RESUME: no checkpoint at %s, starting from scratch", self.resume_from)
+        self.first_step = self.step  # where this process started: its files are written from the second step on
+
+    def start_writing(self) -> None:
+        """The run has trained (see :meth:`record`): from now on (rank 0) it writes its config, log and tensorboard
+        events, and may replace the files an earlier run left in its folder."""
+        if self.writer is not None or not self.dist.is_main:
+            return
+        dump_config(self.cfg, self.files.config)
+        attach_log_file(self.files.log)
+        from tensorboardX import SummaryWriter
+        self.writer = SummaryWriter(str(self.tb_dir))
+
+    def kept_files(self) -> str:
+        """Where a run that stops on a non-finite step left its last finite state (the stop message)."""
+        ckpt = self.files.checkpoint
+        if self.saved_step is not None:
+            return f"{ckpt} holds the last finite state (step {self.saved_step})"
+        return f"nothing was saved ({ckpt} is as it was)" if ckpt.is_file() else "nothing was saved"
+
+    def save(self, path: Path, state: dict[str, Any]) -> None:
+        """Write ``state`` to ``path`` (rank 0) unless it holds a NaN or an infinity: then the run stops."""
+        bad, total = nonfinite_tensors(state)
+        if bad:
+            raise self.guard.stop(self.step, f"{describe_nonfinite(bad, total)} in what {path.name} would hold")
+        self.start_writing()
+        save_checkpoint(path, state)
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -126,9 +152,22 @@ class Trainer:
                 "config": self.cfg.dump(), "version": 1}
 
     def resume(self, path: Path) -> None:
+        """Continue the training state at ``path``; refused in one line, before anything is written, unless it
+        is a finite resume checkpoint of this model (not a weights-only file, not another task's or config's)."""
+        label = "TRAIN.RESUME_FILE" if self.cfg.TRAIN.RESUME_FILE else "TRAIN.RESUME: checkpoint"
         state = load_checkpoint(path, map_location=self.device)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise CheckpointError(f"{label} {path} is not a resume checkpoint (no {', '.join(missing)}); to start "
+                                  f"from its weights, set TRAIN.MODEL_FILE {path} instead")
+        bad, total = nonfinite_tensors(state)
+        if bad:
+            raise CheckpointError(f"{label} {path} holds a diverged state: {describe_nonfinite(bad, total)}")
+        load_weights(self.model, path)  # one line naming what does not fit (another task's or config's file)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as err:
+            raise CheckpointError(f"{label} {path}: its optimizer state does not fit this model ({err})") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best_metric"]
@@ -152,17 +191,19 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     def save_weights(self, path: Path, metrics: dict[str, Any]) -> None:
-        save_checkpoint(path, {"model": self.model.state_dict(), "epoch": self.epoch,
-                               "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                               "config": self.cfg.dump()})
+        self.save(path, {"model": self.model.state_dict(), "epoch": self.epoch,
+                         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                         "config": self.cfg.dump()})
 
     # ---- training ----------------------------------------------------------------------------------------
-    def train_step(self, x: Any, y: torch.Tensor) -> dict[str, float]:
-        """One optimizer step on the batch ``(x, y)``; returns the numbers the progress bar and tensorboard show."""
+    def train_step(self, x: Any, y: torch.Tensor) -> dict[str, float] | None:
+        """One optimizer step on the batch ``(x, y)``; returns the numbers the progress bar and tensorboard show,
+        or None when the step went non-finite and ``TRAIN.NONFINITE skip`` dropped its update."""
         cfg = self.cfg
         factor = jac_loss_weight(cfg, self.step, self.epoch)
         compute_jac = factor > 0 and torch.rand([]).item() < cfg.LOSS.JAC_LOSS_FREQ
         f_thres = self.task.train_f_thres(compute_jac)
+        undo = self.guard.snapshot(self.model, self.task)
         with autocast_context(cfg, self.device):
             output, info = self.task.forward(self.net, x, train_step=self.step, compute_jac_loss=compute_jac,
                                              f_thres=f_thres)
@@ -173,6 +214,17 @@ class Trainer:
             total = total + aux
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
+        # The step's one host sync. Under float16 AMP the scaler skips overflowing gradients itself.
+        check = StepCheck.measure(self.model, loss, info["jac_loss"], aux, info["fwd"],
+                                  check_grads=not self.scaler.is_enabled())
+        skipped = self.guard.skip(self.step + 1, check, undo, self.model, self.task)
+        if skipped:
+            log.warning("step %d: %s; its update is skipped (TRAIN.NONFINITE skip, %d in a row)", self.step + 1,
+                        skipped, self.guard.skipped)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.step += 1
+            return None
         if cfg.TRAIN.CLIP > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.TRAIN.CLIP)
@@ -181,10 +233,9 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         fwd, bwd = solver_summary(info["fwd"]), solver_summary(info["bwd"])
-        return {"loss": loss.item(), **self.task.train_stats(output.detach(), y),
-                "jac_loss": info["jac_loss"].item() if info["jac_loss"] is not None else 0.0,
-                "aux_loss": aux.item() if aux is not None else 0.0,
-                "fwd_steps": fwd.steps, "fwd_nfe": fwd.nfe, "fwd_residual": fwd.residual,
+        loss_value, jac_value, aux_value, _ = check.values
+        return {"loss": loss_value, **self.task.train_stats(output.detach(), y), "jac_loss": jac_value,
+                "aux_loss": aux_value, "fwd_steps": fwd.steps, "fwd_nfe": fwd.nfe, "fwd_residual": fwd.residual,
                 # the backward solve's f evaluations, and the VJPs they cost (its first, at g = 0, costs none)
                 "bwd_steps": bwd.steps, "bwd_nfe": bwd.nfe, "bwd_vjps": float(info["bwd"].get("vjp_evals", 0)),
                 "bwd_residual": bwd.residual, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -201,29 +252,47 @@ class Trainer:
         interval, count = self.cfg.TRAIN.EVAL_INTERVAL, 0
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.cfg.TRAIN.END_EPOCH}",
                    disable=not self.dist.is_main, dynamic_ncols=True)
-        batches = iter(bar)
-        for _ in range(skip):  # with DataLoader workers the augmentation of the rest is not reproduced exactly
-            next(batches)
-        self.restore_rng()
-        for i, (x, y) in enumerate(batches, skip):
-            stats = self.train_step(to_device(x, self.device), to_device(y, self.device))
-            self.batch_in_epoch, count = i + 1, count + 1
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v
-            task_stats = {k: f"{totals[k] / count:.1f}" for k in stats if k not in TRAIN_STATS}
-            bar.set_postfix(loss=f"{totals['loss'] / count:.3f}", **task_stats, nfe=f"{stats['fwd_nfe']:.0f}",
-                            lr=f"{stats['lr']:.2e}")
-            if self.writer is not None and self.step % self.cfg.PRINT_FREQ == 0:
-                for k, v in stats.items():
-                    self.writer.add_scalar(f"train/{k}", v, self.step)
-            if interval and self.step % interval == 0:
-                self.validate({k: v / count for k, v in totals.items()})
-                self.net.train()
-            if self.max_step_reached():
-                break
-        else:
-            self.batch_in_epoch = 0
+        try:
+            batches = iter(bar)
+            for _ in range(skip):  # with DataLoader workers the augmentation of the rest is not reproduced exactly
+                next(batches)
+            self.restore_rng()
+            for i, (x, y) in enumerate(batches, skip):
+                stats = self.train_step(to_device(x, self.device), to_device(y, self.device))
+                self.batch_in_epoch = i + 1
+                if stats is not None:  # None: a skipped non-finite step; it counts as a step, its numbers do not
+                    count += 1
+                    self.record(stats, totals, count, bar)
+                if interval and self.step % interval == 0:
+                    self.validate({k: v / max(count, 1) for k, v in totals.items()})
+                    self.net.train()
+                if self.max_step_reached():
+                    break
+            else:
+                self.batch_in_epoch = 0
+        finally:  # an error (a non-finite step) is printed on a line of its own
+            bar.close()
         return {k: v / max(count, 1) for k, v in totals.items()}
+
+    def record(self, stats: dict[str, float], totals: dict[str, float], count: int, bar: tqdm) -> None:
+        """A trained step's numbers: summed into ``totals`` (``count`` steps of this epoch), shown, written to
+        tensorboard. The second step of the run starts its files (:meth:`start_writing`): it has found the
+        weights of the first update finite."""
+        if self.step > self.first_step + 1:
+            self.start_writing()
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + v
+        task_stats = {k: f"{totals[k] / count:.4g}" for k in stats if k not in TRAIN_STATS}
+        bar.set_postfix(loss=f"{totals['loss'] / count:.3f}", **task_stats, nfe=f"{stats['fwd_nfe']:.0f}",
+                        lr=f"{stats['lr']:.2e}")
+        if self.writer is not None and self.step % self.cfg.PRINT_FREQ == 0:
+            self.add_scalars("train", stats)
+
+    def add_scalars(self, group: str, values: dict[str, Any]) -> None:
+        """The finite numbers of ``values`` to tensorboard (a perplexity overflowing to inf has no point to draw)."""
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.writer.add_scalar(f"{group}/{k}", v, self.step)
 
     def max_step_reached(self) -> bool:
         return 0 < self.cfg.TRAIN.MAX_STEP <= self.step
@@ -249,6 +318,9 @@ class Trainer:
         self.precise_bn()
         metrics = evaluate(self.task, self.net, self.test_loader, self.device, f_thres=eval_f_thres(self.cfg),
                            train_step=self.step)
+        bad = nonfinite_metrics(metrics)  # summed over ranks: every rank stops
+        if bad:
+            raise self.guard.stop(self.step, f"the validation gave {bad}")
         observe_validation(self.scheduler, metrics["loss"])
         train_text = " ".join(f"{k} {v:.4g}" for k, v in train.items() if k not in TRAIN_STATS or k == "loss")
         log.info("epoch %d/%d step %d  train %s  |  test %s  |  solver steps %.1f f evals %.1f residual %.2e  |  %.0fs",
@@ -256,15 +328,14 @@ class Trainer:
                  self.task.describe(metrics), metrics["fwd_steps"], metrics["fwd_nfe"], metrics["fwd_residual"],
                  time.time() - self.last_validation)
         if self.dist.is_main:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"valid/{k}", v, self.step)
             score = metrics[self.task.best_metric]
             improved = self.best is None or (score > self.best if self.task.higher_is_better else score < self.best)
             self.best = score if improved else self.best
-            save_checkpoint(self.files.checkpoint, self.state())
+            self.save(self.files.checkpoint, self.state())
+            self.saved_step = self.step
             if improved:
                 self.save_weights(self.files.best, metrics)
+            self.add_scalars("valid", metrics)
         barrier()
         self.last_validation = time.time()
         return metrics
@@ -272,11 +343,6 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> dict[str, float]:
         """Train until ``TRAIN.END_EPOCH`` or ``TRAIN.MAX_STEP`` (or ``stop_after`` more epochs); return the
         last validation metrics."""
-        ckpt = self.files.checkpoint
-        if (self.cfg.TRAIN.RESUME or self.cfg.TRAIN.RESUME_FILE) and self.resume_from.is_file():
-            self.resume(self.resume_from)
-        elif self.cfg.TRAIN.RESUME:
-            log.info("TRAIN.RESUME: no checkpoint at %s, starting from scratch", ckpt)
         metrics: dict[str, float] = {}
         end = self.cfg.TRAIN.END_EPOCH if stop_after is None else min(self.cfg.TRAIN.END_EPOCH,
                                                                      self.epoch + stop_after)

@@ -13,6 +13,7 @@ What differs from the image tasks, and lives here rather than in the engine:
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Iterator
 
 import torch
@@ -27,6 +28,17 @@ from deqlab.errors import CheckpointError, ConfigError
 from deqlab.models import build_model
 from deqlab.solvers.common import SolveSummary, solver_summary
 from deqlab.tasks.base import Meter, Task
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp(mean token NLL); inf where that overflows a double (a diverging model's loss), never a number
+    hundreds of digits long."""
+    return math.exp(mean_nll) if mean_nll < math.log(sys.float_info.max) else math.inf
+
+
+def format_perplexity(ppl: float) -> str:
+    """Two decimals, as locuslab/deq prints it, but scientific notation from a million on."""
+    return f"{ppl:.2f}" if ppl < 1e6 else f"{ppl:.3e}"
 
 
 class SegmentLoader:
@@ -58,7 +70,7 @@ class NLLMeter(Meter):
     def compute(self, sums: Tensor) -> dict[str, Any]:
         nll, tokens = sums.tolist()
         mean = nll / max(tokens, 1.0)
-        return {"ppl": math.exp(min(mean, 700.0)), "bits_per_token": mean / math.log(2), "tokens": int(tokens)}
+        return {"ppl": perplexity(mean), "bits_per_token": mean / math.log(2), "tokens": int(tokens)}
 
 
 class LanguageModelTask(Task):
@@ -129,13 +141,13 @@ class LanguageModelTask(Task):
         return output.float().mean()
 
     def train_stats(self, output: Tensor, target: Tensor) -> dict[str, float]:
-        return {"ppl": math.exp(min(output.float().mean().item(), 700.0))}
+        return {"ppl": perplexity(output.float().mean().item())}
 
     def new_meter(self, device: torch.device) -> Meter:
         return NLLMeter(device)
 
     def describe(self, metrics: dict[str, Any]) -> str:
-        return f"loss {metrics['loss']:.4f} ppl {metrics['ppl']:.2f} ({metrics['tokens']} tokens)"
+        return f"loss {metrics['loss']:.4f} ppl {format_perplexity(metrics['ppl'])} ({metrics['tokens']} tokens)"
 
     def result_fields(self) -> dict[str, Any]:
         lm = self.cfg.LM
