@@ -38,13 +38,16 @@ TINY = {
            "TRAIN.MAX_STEP", "4", "TRAIN.EVAL_INTERVAL", "2", "TRAIN.WARMUP_STEPS", "0",
            "TRAIN.BATCH_SIZE_PER_GPU", "2", "TEST.BATCH_SIZE_PER_GPU", "2", "DEVICE", "cpu", "WORKERS", "0"],
 }
+# the modules behind scripts/run.sh, run_mdeq.sh and wt103_deq_transformer.sh (deqlab.compat)
+LAUNCHERS = ("deqlab.compat.zoo_cifar", "deqlab.compat.zoo_imagenet", "deqlab.compat.wt103")
 # generated scenes per split for the fashion_scenes dataset (instead of 6000/1000): its size, not a KEY VALUE
 TINY_SCENES = (24, 8)
 
 
 def task_of(argv: list[str]) -> str | None:
-    """The task whose budget ``python tools/X.py ARGS`` gets: cls/seg/lm by the tool's name, sweep.py by --task."""
-    name = os.path.basename(argv[0])
+    """The task whose budget ``python tools/X.py ARGS`` (or ``python -m deqlab.compat.tools NAME ARGS``) gets:
+    cls/seg/lm by the tool's name, sweep.py by --task."""
+    name = argv[2] if argv[0] == "-m" else os.path.basename(argv[0])
     if name == "sweep.py":
         return argv[argv.index("--task") + 1] if "--task" in argv[:-1] else "cls"
     return next((task for task in TINY if name.startswith(task + "_")), None)
@@ -75,9 +78,13 @@ def _run_child(request: dict, fds: list[int], conn: socket.socket) -> None:
     argv = request["argv"]
     task = task_of(argv)
     sys.argv = argv + (TINY[task] if task else [])
-    sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
     try:
-        runpy.run_path(argv[0], run_name="__main__")
+        if argv[0] == "-m":  # python -m deqlab.compat.tools NAME ARGS
+            sys.argv = sys.argv[1:]
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+            runpy.run_path(argv[0], run_name="__main__")
         code = 0
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
@@ -122,11 +129,22 @@ def serve(path: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    serving = bool(os.environ.get(SOCKET_ENV))
     if argv[:1] == ["--serve"]:
         serve(argv[1])
-    elif argv and argv[0].endswith(".py") and os.path.basename(os.path.dirname(argv[0])) == "tools" \
-            and os.environ.get(SOCKET_ENV):
+    elif serving and argv and argv[0].endswith(".py") and os.path.basename(os.path.dirname(argv[0])) == "tools":
         sys.exit(_send_command(os.environ[SOCKET_ENV], argv))
+    elif serving and argv[:2] == ["-m", "deqlab.compat.tools"] and len(argv) > 2:
+        sys.exit(_send_command(os.environ[SOCKET_ENV], argv))
+    elif serving and argv[:1] == ["-m"] and argv[1:2] and argv[1] in LAUNCHERS:
+        # The original scripts' launchers (scripts/run.sh, ...) start the tools with sys.executable: make that this
+        # runner (the `python` first on PATH), so the tools they start get the tiny budget too.
+        import runpy
+        import shutil
+
+        sys.executable = shutil.which("python") or sys.executable
+        sys.argv = argv[1:]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
     else:
         os.execv(sys.executable, [sys.executable, *argv])
 
