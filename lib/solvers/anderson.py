@@ -14,8 +14,8 @@ scale and the method keeps converging to small tolerances. The systems are (m+1)
 Budget: ``max_iter`` f evaluations, as the ``threshold`` of locuslab/deq's ``anderson`` (which evaluates x0 and
 x1 = f(x0), then one mixed iterate per k = 2 .. threshold − 1) and torchdeq's ``max_iter``. The iterates
 evaluated are x0 .. x_{max_iter−1}: ``stats["nfe"]`` counts the evaluations, ``stats["nstep"]`` the steps
-(``nfe − 1``). The returned iterate is the evaluated one with the lowest residual (locuslab/deq's choice; it
-does not compare x0 and x1, so it needs a budget of at least 3, where this returns x0 for a budget of 1).
+(``nfe − 1``). The returned iterate is the evaluated one with the lowest residual, as in locuslab/deq, which
+only compares x2 onwards (and fails below a budget of 3); here x0 and x1 count too, so a budget of 1 returns x0.
 """
 from __future__ import annotations
 

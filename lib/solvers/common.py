@@ -61,7 +61,7 @@ class Tracker:
         self.best_abs = [float("inf")] * z0.shape[0]
         self.best_rel = [float("inf")] * z0.shape[0]
         self.held: Tensor | None = None  # an iterate best for every sample, held by reference (see update)
-        self.traces: list[Tensor] = []  # (2, B) per step: abs and rel residuals, kept on the device
+        self.traces: list[Tensor] = []  # (2, B) per f evaluation: abs and rel residuals, kept on the device
         self.nfe = 0  # f evaluations: one per update
         self.nonfinite = False
         self.converged = False
