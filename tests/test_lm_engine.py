@@ -222,7 +222,7 @@ def test_validation_while_pretraining_evaluates_the_unrolled_stack(lm_run, caplo
     with caplog.at_level("INFO", logger="deqlab"):
         resumed.fit()  # validation at step 6 >= PRETRAIN_STEPS: the equilibrium
     scalars = tb_scalars(resumed.files.tb_dir)
-    assert [step for step, _ in scalars["valid/loss"]] == [3, 6] and scalars["valid/fwd_steps"][1] == (6, 6.0)
+    assert [step for step, _ in scalars["valid/loss"]] == [3, 6] and scalars["valid/fwd_nfe"][1] == (6, 6.0)
     ((step, sradius),) = scalars["valid/sradius"]
     assert step == 6 and sradius > 0.05
     assert f"valid: spectral radius of df/dz at z* (power iteration, mean of the evaluation): {sradius:.4f}" \

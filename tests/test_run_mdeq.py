@@ -60,7 +60,9 @@ def test_zoo_line_trains_resumes_and_evaluates_with_dali(tree, tmp_path):
     continue for a second from --resume, then --eval --resume at a test-time budget (--eval_f_max_iter)."""
     save = tmp_path / "runs"
     zoo = shlex.split(ZOO_IMAGENET.replace("YOUR_DATA_PATH", str(tree)))
-    tiny = [*IMAGENET_TINY_OVERRIDES, "TRAIN.BATCH_SIZE_PER_GPU", 16, "TEST.BATCH_SIZE_PER_GPU", 16, "WORKERS", 1,
+    # the tree holds class folders; the zoo's recipe (and config) reads recordIO
+    tiny = [*IMAGENET_TINY_OVERRIDES, "DATASET.DATA_FORMAT", "jpg", "TRAIN.BATCH_SIZE_PER_GPU", 16,
+            "TEST.BATCH_SIZE_PER_GPU", 16, "WORKERS", 1,
             "OUTPUT_DIR", save, "LOG_DIR", save / "log", "--dali-cpu"]
     first = run_mdeq(*zoo, *tiny, "TRAIN.END_EPOCH", 1)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -89,7 +91,8 @@ def test_test_f_thres_leaves_training_alone():
 
 
 def test_bad_input(tree, tmp_path):
-    out = ["--save-path", tmp_path / "out", "DEVICE", "cpu"]
+    # class folders (the zoo recipe's default is recordIO)
+    out = ["--save-path", tmp_path / "out", "DEVICE", "cpu", "DATASET.DATA_FORMAT", "jpg"]
     (tmp_path / "flat" / "a").mkdir(parents=True)
     assert_one_line_error(run_mdeq("--data", tmp_path / "flat", *out), "no train folder", str(tmp_path / "flat"))
     (tmp_path / "hollow" / "train" / "dog").mkdir(parents=True)

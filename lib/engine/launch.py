@@ -83,8 +83,12 @@ def append_results_row(path: str | Path, row: dict[str, Any]) -> None:
 
 def results_columns(cfg_path: str, task: Task, split: str, model: nn.Module, device: torch.device) -> list[str]:
     """The columns of an evaluation's ``--results_name`` row, known before it runs: those of the row that an
-    evaluation of no batch gives (every metric is there, as an empty sum)."""
-    return list(results_row(cfg_path, task, split, 0, 0.0, evaluate(task, model, [], device, desc="columns")))
+    evaluation of no batch gives (every metric is there, as an empty sum; the spectral radius, which a real
+    evaluation estimates on every batch when asked to, is added)."""
+    metrics = evaluate(task, model, [], device, desc="columns")
+    if task.cfg.DEQ.SPECTRAL_RADIUS_MODE:
+        metrics["sradius"] = 0.0
+    return list(results_row(cfg_path, task, split, 0, 0.0, metrics))
 
 
 BatchHook = Callable[[argparse.Namespace, Any, Any], Callable[[int, torch.Tensor], None] | None]
