@@ -70,3 +70,27 @@ def test_seg_test_saves_label_ids_colours_and_panels(tiny_seg_run):
     bad = run(tool("seg_test.py") + ["--save_panels", "2", "--cfg", str(path), *overrides, "TEST.MODEL_FILE",
                                      str(ckpt)], tmp)
     assert bad.returncode == 2 and "--save_panels N needs N >= 0 and --save_pred DIR" in bad.stderr
+
+
+def test_make_cityscapes_lists_are_read_by_the_real_loader(tmp_path):
+    from test_seg_data import make_cfg, write_tree
+    from deqlab.data import build_dataset
+    images = [(RNG.integers(0, 256, (8, 16, 3)).astype(np.uint8), RNG.integers(0, 34, (8, 16))) for _ in range(3)]
+    write_tree(tmp_path, {"train": images[:2], "val": images[2:], "test": [(images[0][0], None)]})
+    for lst in (tmp_path / "list" / "cityscapes").glob("*.lst"):
+        lst.unlink()  # only the tree: the tool writes the lists
+    proc = run([sys.executable, str(tool("make_cityscapes_lists.py")[1]), "--root", str(tmp_path / "cityscapes")],
+               tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == f"{tmp_path / 'list/cityscapes/train.lst'}: 2 images"
+    cfg = make_cfg(tmp_path, **{"DATASET.TEST_SET": "list/cityscapes/val.lst"})
+    train, val = build_dataset(cfg, "train"), build_dataset(cfg, "test")
+    assert [f.name for f in train.files] == ["city_000000_000019_leftImg8bit", "city_000001_000019_leftImg8bit"]
+    _, label = val[0]
+    assert torch.equal(label, torch.from_numpy(label_lut("cityscapes", 255)[images[2][1]]))
+    assert (tmp_path / "list/cityscapes/test.lst").read_text() == \
+        "leftImg8bit/test/city/city_000000_000019_leftImg8bit.png\n"
+    (tmp_path / "cityscapes/gtFine/train/city/city_000001_000019_gtFine_labelIds.png").unlink()
+    bad = run([sys.executable, str(tool("make_cityscapes_lists.py")[1]), "--root", str(tmp_path / "cityscapes")],
+              tmp_path)
+    assert bad.returncode == 2 and "city_000001_000019_gtFine_labelIds.png: label ids of" in bad.stderr
