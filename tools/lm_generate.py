@@ -17,7 +17,6 @@ Example::
 """
 from __future__ import annotations
 
-import argparse
 import textwrap
 import warnings
 from pathlib import Path
