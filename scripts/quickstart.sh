@@ -3,6 +3,8 @@
 #   bash scripts/quickstart.sh [KEY VALUE ...]       classification on Fashion-MNIST (the default)
 #   bash scripts/quickstart.sh seg [KEY VALUE ...]   segmentation on the generated Fashion-MNIST scenes
 #   bash scripts/quickstart.sh lm [KEY VALUE ...]    DEQ-Transformer language model on Jane Austen's novels
+# Each ends by writing curves.png (tools/plot_run.py) beside the checkpoints; seg also writes prediction PNGs and
+# four image | truth | prediction | errors panels in predictions/ there; lm prints a paragraph the model writes.
 # Example: bash scripts/quickstart.sh TRAIN.END_EPOCH 2   (the classifier, two epochs instead of four)
 set -euo pipefail
 . "$(dirname "$0")/_help.sh"  # --help: the header above
@@ -12,7 +14,7 @@ pip_install_repo() { [ -n "${DEQLAB_NO_INSTALL:-}" ] || python -m pip install -q
 TASK=cls
 if [ "${1:-}" = seg ] || [ "${1:-}" = cls ] || [ "${1:-}" = lm ]; then TASK=$1; shift; fi
 if [ "$TASK" = lm ]; then
-  pip_install_repo '.[lm]'
+  pip_install_repo '.[lm,plot]'
   CFG=${CFG:-experiments/austen/deq_transformer_quickstart.yaml}
   # the corpus folder the config names (data/austen by default)
   DATA=$(python tools/run_files.py --cfg "$CFG" data "$@")
@@ -29,7 +31,11 @@ if [ "$TASK" = lm ]; then
 print(f'unigram perplexity of the test split: {unigram_perplexity(c.train, c.test, len(c.vocab)):.1f}'); \
 [print(f\"F_THRES {r['f_thres']:>2}: test ppl {float(r['ppl']):7.2f}  residual {float(r['fwd_residual']):.2e}\") \
 for r in csv.DictReader(open(sys.argv[2]))]" "$DATA" "$SWEEP"
-  python tools/plot_sweep.py "$SWEEP" || true  # needs matplotlib ('.[plot]')
+  python tools/plot_sweep.py "$SWEEP"
+  python tools/plot_run.py --cfg "$CFG" "$@"
+  # a paragraph from a fixed prompt, warm-started equilibria against cold ones (tokens/s, f evaluations per token)
+  python tools/lm_generate.py --prompt "It is a truth universally acknowledged" --tokens 120 --top_p 0.9 \
+    --cfg "$CFG" "$@" TEST.MODEL_FILE "$FINAL"
   exit 0
 fi
 if [ "$TASK" = seg ]; then
@@ -37,7 +43,7 @@ if [ "$TASK" = seg ]; then
 else
   CFG=${CFG:-experiments/fashion_mnist/cls_mdeq_quickstart.yaml}; TRAIN=tools/cls_train.py; TEST=tools/cls_valid.py
 fi
-pip_install_repo .
+pip_install_repo '.[plot]'
 # Fashion-MNIST ships as a Debian package; elsewhere torchvision downloads it on first use.
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null || true
@@ -46,4 +52,8 @@ fi
 export DEQLAB_ALLOW_DOWNLOAD=${DEQLAB_ALLOW_DOWNLOAD:-1}
 python "$TRAIN" --cfg "$CFG" "$@"
 FINAL=$(python tools/run_files.py --cfg "$CFG" final "$@")
-python "$TEST" --cfg "$CFG" "$@" TEST.MODEL_FILE "$FINAL"
+RUN=$(dirname "$FINAL")
+SAVE=()  # seg: class-id PNGs (the scenes' label format), colour/ PNGs and four panels beside the checkpoints
+[ "$TASK" = seg ] && SAVE=(--save_pred "$RUN/predictions" --save_panels 4)
+python "$TEST" --cfg "$CFG" "${SAVE[@]}" "$@" TEST.MODEL_FILE "$FINAL"
+python tools/plot_run.py --cfg "$CFG" "$@"

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+from PIL import Image
 
 from conftest import REPO, needs_debian_fashion
 
@@ -24,6 +25,12 @@ def quickstart(tmp_path, *args: str) -> str:
     return out.stdout
 
 
+def assert_curves(run_dir, out: str) -> None:
+    """The run's curves.png (tools/plot_run.py), written beside its checkpoints and announced."""
+    assert f"wrote {run_dir / 'curves.png'}" in out
+    assert Image.open(run_dir / "curves.png").size[0] > 1000  # five panels side by side
+
+
 def last_number(pattern: str, text: str) -> float:
     return float(re.findall(pattern, text)[-1])
 
@@ -35,6 +42,7 @@ def test_classification_quickstart(tmp_path):
     accuracy = last_number(r"test accuracy \(top-1, %\): ([\d.]+)", out)
     assert 10.0 < accuracy <= 100.0  # above chance after one short epoch on the real images
     assert (tmp_path / "out/fashion_mnist/cls_mdeq_quickstart/final_state.pth").is_file()
+    assert_curves(tmp_path / "out/fashion_mnist/cls_mdeq_quickstart", out)
 
 
 @needs_debian_fashion
@@ -43,7 +51,12 @@ def test_segmentation_quickstart(tmp_path):
                      "DEQ.F_THRES", "3", "DEQ.B_THRES", "3", "TRAIN.PRECISE_BN_BATCHES", "2",
                      "DATASET.ROOT", str(tmp_path / "data"))
     assert 0.0 < last_number(r"test mIoU \(%\): ([\d.]+)", out) <= 100.0
-    assert (tmp_path / "out/fashion_scenes/seg_mdeq_quickstart/final_state.pth").is_file()
+    run = tmp_path / "out/fashion_scenes/seg_mdeq_quickstart"
+    assert (run / "final_state.pth").is_file()
+    panels = sorted((run / "predictions/panels").glob("*.png"))
+    assert len(panels) == 4 and Image.open(panels[0]).size == (4 * 128, 64)  # four 128x64 scene panes
+    assert len(list((run / "predictions").glob("*.png"))) == len(list((run / "predictions/colour").glob("*.png")))
+    assert_curves(run, out)
 
 
 @pytest.mark.skipif(shutil.which("apt-get") is None and os.environ.get("CI") != "true",
@@ -59,3 +72,9 @@ def test_language_model_quickstart(tmp_path):
     assert residuals[-1] < residuals[0]  # a larger test-time budget solves further
     assert f"F_THRES 32: test ppl {float(rows[-1]['ppl']):7.2f}" in out
     assert "unigram perplexity of the test split" in out
+    lines = out.splitlines()
+    assert any(line.startswith("It is a truth universally acknowledged ") for line in lines)  # the paragraph
+    assert re.search(r"^warm start: [\d.]+ tokens/s, [\d.]+ f evaluations per token$", out, re.M)
+    assert re.search(r"^cold start: [\d.]+ tokens/s, [\d.]+ f evaluations per token$", out, re.M)
+    assert lines[-1].startswith("warm and cold starts agree on ") and lines[-1].endswith(" of 120 tokens")
+    assert_curves(tmp_path / "out/austen/deq_transformer_quickstart", out)

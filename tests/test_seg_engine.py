@@ -81,7 +81,8 @@ def test_torchrun_seg_train_then_seg_test_rows_and_predictions(tiny_seg_run):
     assert all(0 <= float(r["miou"]) <= 100 and r["perf"] == r["miou"] and int(r["count"]) == 4 for r in rows)
     assert float(rows[0]["fwd_nfe"]) <= 2 < float(rows[1]["fwd_nfe"])  # Anderson: budget = f evaluations
     saved = sorted(preds.glob("*.png"))
-    assert len(saved) == 4 and Image.open(saved[0]).size == (64, 32) and Image.open(saved[0]).mode == "RGB"
+    assert len(saved) == 4 and Image.open(saved[0]).size == (64, 32) and Image.open(saved[0]).mode == "P"
+    assert len(list((preds / "colour").glob("*.png"))) == 4  # label ids above, colours here
 
 
 def test_bad_seg_input_is_one_line_and_writes_nothing(tiny_seg_run):

@@ -136,6 +136,22 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         return nll
 
 
+    def log_prob(self, hidden: Tensor) -> Tensor:
+        """Log-probabilities of every token (N, n_token) for ``hidden`` (N, d_proj): the head's softmax, times
+        each tail cluster's softmax for its tokens."""
+        weight, bias = self._cluster(0)
+        if self.n_clusters == 0:
+            return F.log_softmax(self._logit(hidden, weight, bias, self.out_projs[0]), dim=-1)
+        head = F.log_softmax(self._logit(hidden, torch.cat([weight, self.cluster_weight]),
+                                         torch.cat([bias, self.cluster_bias]), self.out_projs[0]), dim=1)
+        parts = [head[:, :self.bounds[0]]]
+        for i in range(1, self.n_clusters + 1):
+            weight, bias = self._cluster(i)
+            tail = F.log_softmax(self._logit(hidden, weight, bias, self.out_projs[i]), dim=1)
+            parts.append(head[:, -i, None] + tail)  # the head's i-th logit from the end is cluster i
+        return torch.cat(parts, dim=1)
+
+
 def tie_adaptive(emb: AdaptiveEmbedding, crit: ProjectedAdaptiveLogSoftmax, tie_weights: bool,
                  tie_projs: list[bool]) -> None:
     """Make the softmax share the embedding's tables and (for clusters with ``tie_projs[i]``) projections."""

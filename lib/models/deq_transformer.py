@@ -211,6 +211,15 @@ class DEQTransformerLM(nn.Module):
 
     def forward(self, data: Tensor, target: Tensor, mems: Mems | None = None, train_step: int = -1,
                 f_thres: int | None = None, compute_jac_loss: bool = False) -> tuple[Tensor, Mems, dict[str, Any]]:
+        z, new_mems, info = self.equilibrium(data, mems, train_step, f_thres, compute_jac_loss)
+        hidden = self.iodrop_out(z).permute(2, 0, 1)[-target.shape[0]:]  # (tgt_len, bsz, d_model)
+        loss = self.crit(hidden.reshape(-1, self.d_model), target.reshape(-1)).view(target.shape[0], -1)
+        return loss, new_mems, info
+
+    def equilibrium(self, data: Tensor, mems: Mems | None = None, train_step: int = -1, f_thres: int | None = None,
+                    compute_jac_loss: bool = False, z0: Tensor | None = None) -> tuple[Tensor, Mems, dict[str, Any]]:
+        """``z, new_mems, info`` of (qlen, bsz) tokens: the states z (bsz, d_model, qlen) before the output
+        dropout. ``z0`` starts the solve (default zeros); generation warm-starts a new position with it."""
         reset_per_forward(self)
         qlen, bsz = data.shape
         u = self.injection(data)
@@ -229,14 +238,16 @@ class DEQTransformerLM(nn.Module):
         pretraining = 0 <= train_step < self.pretrain_steps
         depth = (self.n_layer if self.training or train_step > 0 else self.eval_n_layer) if pretraining else None
         # the state in the parameters' dtype (float32 under autocast too): the solver's residuals need it
-        z0 = torch.zeros(bsz, self.d_model, qlen, dtype=self.inject_conv.weight.dtype, device=u.device)
+        dtype = self.inject_conv.weight.dtype
+        z0 = torch.zeros(bsz, self.d_model, qlen, dtype=dtype, device=u.device) if z0 is None else z0.to(dtype)
         z, info = self.deq(f, z0, f_max_iter=f_thres, fixed_depth=depth,
                            compute_jac_loss=compute_jac_loss and not pretraining,
                            spectral_radius=self.spectral_radius_mode and not self.training)
-        new_mems = self.update_mems(z, us, z_mem)
-        hidden = self.iodrop_out(z).permute(2, 0, 1)[-target.shape[0]:]  # (tgt_len, bsz, d_model)
-        loss = self.crit(hidden.reshape(-1, self.d_model), target.reshape(-1)).view(target.shape[0], -1)
-        return loss, new_mems, info
+        return z, self.update_mems(z, us, z_mem), info
+
+    def next_token_log_probs(self, z: Tensor) -> Tensor:
+        """Log-probabilities over the vocabulary (bsz, n_token) of the token after the last position of ``z``."""
+        return self.crit.log_prob(self.iodrop_out(z)[:, :, -1])
 
     @torch.no_grad()
     def update_mems(self, z: Tensor, us: Tensor, z_mem: Tensor) -> Mems:
