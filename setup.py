@@ -12,7 +12,8 @@ setup(
     packages=["deqlab", *subpackages],
     install_requires=open("requirements.txt").read().split(),
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.7"],
+        # torchdeq: tests/test_budgets.py checks deqlab's fixed-point budget against torchdeq's own solver
+        "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.7", "torchdeq==0.1.0"],
         "bench": ["torchdeq==0.1.0", "termcolor"],  # termcolor: imported by the original MDEQ code (compare_original.py)
         "plot": ["matplotlib>=3.7"],
         "lm": ["rdata>=1.0"],

@@ -114,6 +114,7 @@ class Trainer:
         elif cfg.TRAIN.RESUME:
             log.info("TRAIN.RESUME: no checkpoint at %s, starting from scratch", self.resume_from)
         self.first_step = self.step  # where this process started: its files are written from the second step on
+        self.held_scalars: list[tuple[str, float, int]] = []  # tensorboard points until then (add_scalars)
 
     def start_writing(self) -> None:
         """The run has trained (see :meth:`record`): from now on (rank 0) it writes its config, log and tensorboard
@@ -285,14 +286,20 @@ class Trainer:
         task_stats = {k: f"{totals[k] / count:.4g}" for k in stats if k not in TRAIN_STATS}
         bar.set_postfix(loss=f"{totals['loss'] / count:.3f}", **task_stats, nfe=f"{stats['fwd_nfe']:.0f}",
                         lr=f"{stats['lr']:.2e}")
-        if self.writer is not None and self.step % self.cfg.PRINT_FREQ == 0:
+        if self.step % self.cfg.PRINT_FREQ == 0:
             self.add_scalars("train", stats)
 
     def add_scalars(self, group: str, values: dict[str, Any]) -> None:
-        """The finite numbers of ``values`` to tensorboard (a perplexity overflowing to inf has no point to draw)."""
-        for k, v in values.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                self.writer.add_scalar(f"{group}/{k}", v, self.step)
+        """The finite numbers of ``values`` to tensorboard (a perplexity overflowing to inf has no point to draw);
+        rank 0 holds them until the run writes its files (:meth:`start_writing`), so the first step's are kept."""
+        if not self.dist.is_main:
+            return
+        self.held_scalars += [(f"{group}/{k}", v, self.step) for k, v in values.items()
+                              if isinstance(v, (int, float)) and math.isfinite(v)]
+        if self.writer is not None:
+            for scalar in self.held_scalars:
+                self.writer.add_scalar(*scalar)
+            self.held_scalars = []
 
     def max_step_reached(self) -> bool:
         return 0 < self.cfg.TRAIN.MAX_STEP <= self.step
