@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Callable
 
-from deqlab.errors import ConfigError
+from deqlab.errors import ConfigError, DeqlabError
 
 # the tools the original scripts' launchers run (deqlab.compat.zoo_*, deqlab.compat.wt103)
 TOOLS = {"cls_train": ("train", "cls"), "cls_valid": ("test", "cls"), "lm_train": ("train", "lm"),
@@ -37,6 +38,17 @@ def execute(commands: list[list[str]]) -> int:
     sys.stdout.flush(), sys.stderr.flush()
     os.execv(commands[-1][0], commands[-1])
     return 0  # not reached
+
+
+def launch(commands: Callable[[list[str]], list[list[str]]], argv: list[str] | None = None) -> int:
+    """A launcher's body: run the tool commands ``commands(argv)`` builds from the script's arguments (default:
+    this process's); bad arguments end as one line on stderr, exit 2."""
+    try:
+        cmds = commands(sys.argv[1:] if argv is None else argv)
+    except DeqlabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return execute(cmds)
 
 
 def main(argv: list[str]) -> None:

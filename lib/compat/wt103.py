@@ -16,7 +16,7 @@ from pathlib import Path
 from deqlab.compat import Flag, FlagParser, add_flags, choose, parse_anywhere
 from deqlab.compat import overrides as table_overrides
 from deqlab.compat import tools
-from deqlab.errors import ConfigError, DeqlabError
+from deqlab.errors import ConfigError
 
 CONFIG = "experiments/wikitext103/deq_transformer.yaml"
 DATASETS = {"wt103": ["DATASET.DATASET", "wikitext103"], "wikitext103": ["DATASET.DATASET", "wikitext103"],
@@ -114,12 +114,7 @@ def commands(argv: list[str]) -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cmds = commands(sys.argv[1:] if argv is None else argv)
-    except DeqlabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return tools.execute(cmds)
+    return tools.launch(commands, argv)
 
 
 if __name__ == "__main__":

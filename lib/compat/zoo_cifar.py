@@ -19,7 +19,6 @@ import sys
 
 from deqlab.compat import Flag, FlagParser, add_flags, overrides, parse_anywhere, words
 from deqlab.compat import mdeq, torchdeq, tools
-from deqlab.errors import DeqlabError
 
 DESCRIPTION = "the torchdeq zoo's CIFAR-10 MDEQ command line (run.sh, main.py) on deqlab's tools"
 PROG = "run.sh"
@@ -85,12 +84,7 @@ def commands(argv: list[str]) -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cmds = commands(sys.argv[1:] if argv is None else argv)
-    except DeqlabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return tools.execute(cmds)
+    return tools.launch(commands, argv)
 
 
 if __name__ == "__main__":

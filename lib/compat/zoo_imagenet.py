@@ -21,7 +21,7 @@ import sys
 
 from deqlab.compat import Flag, FlagParser, add_flags, overrides, parse_anywhere, words
 from deqlab.compat import torchdeq, tools
-from deqlab.errors import ConfigError, DeqlabError
+from deqlab.errors import ConfigError
 
 DESCRIPTION = ("the torchdeq zoo's ImageNet MDEQ command line (run_mdeq.sh, train_mdeq_imagenet.py) "
                "on deqlab's tools")
@@ -156,12 +156,7 @@ def gpu_count() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cmds = commands(sys.argv[1:] if argv is None else argv)
-    except DeqlabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return tools.execute(cmds)
+    return tools.launch(commands, argv)
 
 
 if __name__ == "__main__":
