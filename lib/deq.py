@@ -22,8 +22,10 @@ forward solve is rough (few steps), where the IFT gradient is inexact anyway.
 Unrolled (``grad="unrolled"``). Backprop through every step of the forward solver: exact for what was
 computed, memory grows with the number of steps. The ALL_UNROLLED baseline of Ramzi et al. (2023).
 
-Fixed depth (``fixed_depth=N``). No solver: f applied N times from z0 under autograd. MDEQ uses it to
-pretrain the cell before switching to the equilibrium.
+Fixed depth. No solver: f applied N times from z0 under autograd, with ``fixed_depth=N``, or as the layer's
+pretraining rule decides from the forward's ``train_step`` (``pretrain_steps``, ``pretrain_depth``,
+``all_unrolled``; see :meth:`DEQ.unrolled_depth`): both originals pretrain the cell unrolled before switching to
+the equilibrium.
 
 Predicted initial state, Skip DEQ (Pal, Edelman & Rackauckas, 2022; ``z0_predicted=True``). The caller passes
 z0 = g(x) computed with autograd by any predictor: an explicit shallow net (Skip DEQ) or one application of
@@ -39,10 +41,10 @@ f(0; x) the cell is the predictor, so it gets both). The caller weights it and a
 state is kept in at least float32 (a predictor under autocast returns half precision). Without a graph (eval,
 ``torch.no_grad()``) the solve still starts from z0 and ``info["skip_loss"]`` is None.
 
-Spectral radius (``spectral_radius=True``, a diagnostic). ``info["sradius"]`` = per-sample |λ_max| of
-J = ∂f/∂z at the solver's z*, by 50 steps of power iteration on v ↦ vᵀJ
-(``deqlab.regularizers.spectral_radius``: 50 VJPs on one graph of f); None when not asked for or at a fixed
-depth (no equilibrium), as in both originals.
+Spectral radius (a layer built with ``spectral_radius=True``, a diagnostic). In eval mode
+``info["sradius"]`` = per-sample |λ_max| of J = ∂f/∂z at the solver's z*, by 50 steps of power iteration on
+v ↦ vᵀJ (``deqlab.regularizers.spectral_radius``: 50 VJPs on one graph of f); None in training, when not asked
+for or at a fixed depth (no equilibrium), as in both originals.
 
 Phantom trajectory (``trajectory_every=k``, ``grad="phantom"``). ``info["trajectory"]`` lists every k-th of
 the damped phantom iterates, each with its graph, and always the last (which is the returned state): the
@@ -57,9 +59,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from deqlab.errors import ConfigError
 from deqlab.regularizers import jacobian_frobenius_loss, spectral_radius as power_iteration
-from deqlab.solvers import get_solver
+from deqlab.solvers import get_solver, memory_options
+from deqlab.solvers.common import check_args
 
 States = Tensor | Sequence[Tensor]
 GRAD_MODES = ("ift", "phantom", "unrolled")
@@ -139,48 +141,84 @@ class DEQ(nn.Module):
         phantom_tau: float = 0.5,
         f_solver_options: dict[str, Any] | None = None,
         b_solver_options: dict[str, Any] | None = None,
+        f_solver_memory: int = 0,
+        b_solver_memory: int = 0,
+        spectral_radius: bool = False,
+        pretrain_steps: int = 0,
+        pretrain_depth: int = 5,
+        eval_pretrain_depth: int | None = None,
+        all_unrolled: bool = False,
+        pretrain_jac_loss: bool = True,
     ) -> None:
+        """Solvers, budgets (``max_iter``, in each solver's units), tolerances and gradient mode as in the module
+        docstring; ``*_solver_memory``: past iterates the solver keeps (0: its default).
+
+        ``spectral_radius``: estimate ρ(∂f/∂z) at z* in every eval-mode forward (``info["sradius"]``).
+        Unrolling: a forward with ``0 <= train_step < pretrain_steps``, or every forward with ``all_unrolled``,
+        applies f ``pretrain_depth`` times instead of solving; ``eval_pretrain_depth`` (default
+        ``pretrain_depth``) is the depth in eval mode at ``train_step`` 0 (the DEQ-Transformer's
+        ``eval_n_layer``). ``pretrain_jac_loss``: whether ``compute_jac_loss`` also applies when unrolled.
+        """
         super().__init__()
-        # ConfigError (a ValueError): these arguments come straight from the DEQ.* config keys.
         if grad not in GRAD_MODES:
-            raise ConfigError(f"unknown DEQ gradient mode (DEQ.GRAD) {grad!r}; expected one of {', '.join(GRAD_MODES)}")
-        if stop_mode not in ("abs", "rel"):
-            raise ConfigError(f"unknown stop_mode (DEQ.STOP_MODE) {stop_mode!r}; expected 'abs' or 'rel'")
+            raise ValueError(f"unknown gradient mode grad={grad!r}; expected one of {', '.join(GRAD_MODES)}")
         if grad == "phantom" and (phantom_steps < 1 or not 0.0 < phantom_tau <= 1.0):
-            raise ConfigError(f"phantom gradient needs phantom_steps >= 1 and 0 < phantom_tau <= 1 "
-                              f"(DEQ.PHANTOM_STEPS, DEQ.PHANTOM_TAU), got {phantom_steps} and {phantom_tau}")
+            raise ValueError(f"grad='phantom' needs phantom_steps >= 1 and 0 < phantom_tau <= 1, got {phantom_steps} "
+                             f"and {phantom_tau}")
+        check_args(f_max_iter, f_tol, stop_mode)
+        check_args(b_max_iter, b_tol, stop_mode)
         self.f_solver, self.b_solver = get_solver(f_solver), get_solver(b_solver)
         self.f_solver_name, self.b_solver_name = f_solver, b_solver
         self.f_max_iter, self.b_max_iter = f_max_iter, b_max_iter
         self.f_tol, self.b_tol = f_tol, b_tol
         self.stop_mode, self.grad = stop_mode, grad
         self.phantom_steps, self.phantom_tau = phantom_steps, phantom_tau
-        self.f_solver_options = dict(f_solver_options or {})
-        self.b_solver_options = dict(b_solver_options or {})
+        self.f_solver_options = {**memory_options(f_solver, f_solver_memory), **(f_solver_options or {})}
+        self.b_solver_options = {**memory_options(b_solver, b_solver_memory), **(b_solver_options or {})}
+        self.spectral_radius = spectral_radius
+        self.pretrain_steps, self.all_unrolled = pretrain_steps, all_unrolled
+        self.pretrain_depth = pretrain_depth
+        self.eval_pretrain_depth = pretrain_depth if eval_pretrain_depth is None else eval_pretrain_depth
+        self.pretrain_jac_loss = pretrain_jac_loss
 
     def extra_repr(self) -> str:
         return (f"f_solver={self.f_solver_name}, b_solver={self.b_solver_name}, f_max_iter={self.f_max_iter}, "
                 f"b_max_iter={self.b_max_iter}, stop_mode={self.stop_mode}, grad={self.grad}")
+
+    def unrolled_depth(self, train_step: int = -1) -> int | None:
+        """How many times a forward at ``train_step`` applies f instead of solving; None: it solves.
+
+        Both originals pretrain with ``0 <= train_step < pretrain_steps`` in any mode. The eval-mode depth at
+        step 0 is the DEQ-Transformer's rule (``n_layer if self.training or train_step > 0 else eval_n_layer``):
+        its training script validates with the current step, so later validations use ``pretrain_depth``.
+        """
+        if not (self.all_unrolled or 0 <= train_step < self.pretrain_steps):
+            return None
+        return self.pretrain_depth if self.training or train_step > 0 else self.eval_pretrain_depth
 
     def forward(
         self,
         f: Callable[[States], States],
         z0: States,
         *,
+        train_step: int = -1,
         f_max_iter: int | None = None,
         fixed_depth: int | None = None,
         compute_jac_loss: bool = False,
         z0_predicted: bool = False,
         trajectory_every: int = 0,
-        spectral_radius: bool = False,
     ) -> tuple[States, dict[str, Any]]:
-        """Return ``(z_star, info)``; ``fixed_depth=N`` applies f N times instead of solving.
+        """Return ``(z_star, info)``: f unrolled at ``train_step`` (:meth:`unrolled_depth`) or
+        ``fixed_depth=N`` times, else solved.
 
+        ``compute_jac_loss``: ``info["jac_loss"]`` (not when unrolled without ``pretrain_jac_loss``).
         ``z0_predicted``: z0 comes from a predictor (Skip DEQ): start from ``z0.detach()`` and, when z0 has a
         graph, return ``info["skip_loss"]``. ``trajectory_every=k`` (phantom gradient): return every k-th
-        phantom iterate, and the last, in ``info["trajectory"]``. ``spectral_radius``: ``info["sradius"]``, (B,)
-        estimates of ρ(∂f/∂z) at the equilibrium.
+        phantom iterate, and the last, in ``info["trajectory"]``.
         """
+        if fixed_depth is None:
+            fixed_depth = self.unrolled_depth(train_step)
+        compute_jac_loss = compute_jac_loss and (fixed_depth is None or self.pretrain_jac_loss)
         z0_flat, layout = pack(z0)
         predicted = None  # the predicted z0 with its graph, when there is one to regularise
         if z0_predicted:
@@ -226,7 +264,7 @@ class DEQ(nn.Module):
                 z_in = out.detach().requires_grad_()
                 graph = (f_flat(z_in), z_in)
             info["jac_loss"] = jacobian_frobenius_loss(*graph)
-        if spectral_radius and fixed_depth is None:
+        if self.spectral_radius and not self.training and fixed_depth is None:
             with torch.enable_grad():  # evaluation runs under no_grad; the VJPs need one graph of f at z*
                 z_in = z_star.detach().requires_grad_()
                 info["sradius"] = power_iteration(f_flat(z_in), z_in)

@@ -23,8 +23,6 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from deqlab.errors import ConfigError
-
 NORM_TYPES = ("weight_norm", "spectral_norm", "none")
 
 
@@ -198,14 +196,19 @@ class WeightNormLinear(WeightNormMixin, nn.Linear):
         return nn.functional.linear(x, self.weight, self.bias)
 
 
+def _dropout_rate(p: float) -> float:
+    """``p``, or a ValueError when it is not a dropout rate."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout rate p must be in [0, 1), got {p}")
+    return p
+
+
 class VariationalDropout2d(nn.Module):
     """Dropout with one mask per (sample, channel), fixed for a whole forward pass (train mode only)."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ConfigError(f"dropout rate (MODEL.DROPOUT) must be in [0, 1), got {p}")
-        self.p = p
+        self.p = _dropout_rate(p)
         self.mask: Tensor | None = None
 
     def reset_per_forward(self) -> None:
@@ -229,9 +232,7 @@ class SequenceDropout(nn.Module):
 
     def __init__(self, p: float = 0.0, shared_dims: tuple[int, ...] = ()) -> None:
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ConfigError(f"dropout rate must be in [0, 1), got {p}")
-        self.p, self.shared_dims = p, shared_dims
+        self.p, self.shared_dims = _dropout_rate(p), shared_dims
         self.mask: Tensor | None = None
 
     def reset_per_forward(self) -> None:
@@ -261,7 +262,7 @@ def reset_per_forward(module: nn.Module) -> None:
 
 
 class CellRunner:
-    """How a model calls its DEQ cell: eagerly, or with ``compile`` (``MODEL.COMPILE``) through
+    """How a model calls its DEQ cell: eagerly, or with ``compile`` through
     ``torch.compile`` (static shapes, compiled on first use) wherever autograd is off.
 
     Compiling pays in the forward solver's iterations, which run without autograd, from inductor's fused
@@ -291,7 +292,7 @@ def norm_conv2d(norm: str, *args: Any, options: NormOptions = NormOptions(), **k
     if norm == "none":
         return nn.Conv2d(*args, **kwargs)
     if norm not in NORM_CONVS:
-        raise ConfigError(f"MODEL.NORM_TYPE: unknown normalisation {norm!r}; known: {', '.join(NORM_TYPES)}")
+        raise ValueError(f"unknown normalisation norm={norm!r}; known: {', '.join(NORM_TYPES)}")
     return NORM_CONVS[norm](*args, norm_options=options, **kwargs)
 
 

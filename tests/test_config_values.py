@@ -156,22 +156,42 @@ def test_keys_marked_unused_are_read_nowhere():
     assert not read, f"{read} are read by the code: drop unused(...) from their rules in defaults.py"
 
 
-def test_configerror_is_a_valueerror_and_the_library_raises_it_for_settings():
+def _core_settings():
     from deqlab.deq import DEQ
-    from deqlab.layers import VariationalDropout2d
-    from deqlab.solvers import get_solver
+    from deqlab.layers import VariationalDropout2d, norm_conv2d
+    from deqlab.solvers import get_solver, memory_options
 
+    # (what the core is given, its message naming its own argument, the same value through the config)
+    return [
+        (lambda: DEQ(grad="iftt"), "grad='iftt'", ["DEQ.GRAD", "iftt"]),
+        (lambda: DEQ(stop_mode="relative"), "stop_mode 'relative'", ["DEQ.STOP_MODE", "relative"]),
+        (lambda: DEQ(grad="phantom", phantom_tau=0.0), "phantom_tau", ["DEQ.GRAD", "phantom", "DEQ.PHANTOM_TAU", "0"]),
+        (lambda: DEQ(f_max_iter=0), "max_iter must be >= 1", ["DEQ.F_THRES", "0"]),
+        (lambda: VariationalDropout2d(2.0), "dropout rate p", ["MODEL.DROPOUT", "2.0"]),
+        (lambda: get_solver("brodyen"), "unknown solver 'brodyen'", ["DEQ.F_SOLVER", "brodyen"]),
+        (lambda: memory_options("fixed_point", 2), "memory=2", ["DEQ.F_SOLVER", "fixed_point", "DEQ.F_SOLVER_MEMORY", "2"]),
+        (lambda: norm_conv2d("batch_norm", 2, 2, 1), "norm='batch_norm'", ["MODEL.NORM_TYPE", "batch_norm"]),
+    ]
+
+
+def test_the_core_raises_plain_valueerrors_and_the_config_names_the_key():
+    """The core (deq, solvers, layers) knows its arguments, not the config keys: a plain ValueError about the
+    argument; the same value through the config is a ConfigError naming the key it was set with."""
     assert issubclass(ConfigError, ValueError)
-    with pytest.raises(ConfigError, match=r"DEQ\.GRAD"):
-        DEQ(grad="iftt")
-    with pytest.raises(ConfigError, match=r"DEQ\.STOP_MODE"):
-        DEQ(stop_mode="relative")
-    with pytest.raises(ConfigError, match=r"DEQ\.PHANTOM_TAU"):
-        DEQ(grad="phantom", phantom_tau=0.0)
-    with pytest.raises(ConfigError, match=r"MODEL\.DROPOUT"):
-        VariationalDropout2d(2.0)
-    with pytest.raises(ConfigError, match=r"DEQ\.F_SOLVER"):
-        get_solver("brodyen")
+    for build, message, overrides in _core_settings():
+        with pytest.raises(ValueError, match=re.escape(message)) as err:
+            build()
+        assert type(err.value) is ValueError and not re.search(r"\b(DEQ|MODEL)\.", str(err.value)), err.value
+        key = overrides[-2]
+        with pytest.raises(ConfigError, match=rf"^command line: {re.escape(key)} must be .*got") as err:
+            load_config(None, overrides)
+
+
+def test_the_core_imports_no_config():
+    core = [REPO / "lib/deq.py", REPO / "lib/layers.py", *sorted((REPO / "lib/solvers").glob("*.py"))]
+    for path in core:
+        text = path.read_text()
+        assert "deqlab.config" not in text and "ConfigError" not in text, path
 
 
 @needs_compat

@@ -146,9 +146,9 @@ def test_fpc_segmenter_and_its_loss():
 
 
 def test_fpc_needs_the_phantom_gradient():
-    cfg = load_config(FPC_CFG, TINY_OVERRIDES + ["DEQ.GRAD", "ift"])
-    with pytest.raises(ConfigError, match="DEQ.GRAD phantom"):
-        build_model(cfg, "cls")
+    with pytest.raises(ConfigError, match=re.escape(f"{FPC_CFG}, command line: LOSS.FPC must be False when DEQ.GRAD "
+                                                    f"is 'ift' (not phantom), got True")):
+        load_config(FPC_CFG, TINY_OVERRIDES + ["DEQ.GRAD", "ift"])
 
 
 def test_the_trainer_steps_on_the_corrected_loss(tiny_run):

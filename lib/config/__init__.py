@@ -120,7 +120,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
     for key, value in zip(overrides[::2], overrides[1::2]):
         _set(cfg, key, value, "command line", sources)
     check_values(cfg, RULES, sources)
-    cfg.VERSION = DEFAULTS.VERSION  # upgraded on load
     cfg.freeze()
     return cfg
 

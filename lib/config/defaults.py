@@ -13,7 +13,7 @@ from typing import Any
 
 from yacs.config import CfgNode as CN
 
-from deqlab.config.rules import ANY, Rule, choice, empty_or, integer, list_of, number, registered, unused
+from deqlab.config.rules import ANY, Rule, choice, empty_or, given, integer, list_of, number, registered, unused
 
 RULES: dict[str, Rule] = {}  # dotted key -> what it accepts, in declaration order
 
@@ -26,7 +26,8 @@ def allow(section: str, **rules: Any) -> None:
 _SIZE = list_of(integer(lo=1), length=2)  # [width, height]
 
 _C = CN()
-_C.VERSION = 2                 # layout version: 1 = locuslab/mdeq (thresholds under MODEL), 2 = this layout
+_C.VERSION = 2                 # unused: layout version (1 = locuslab/mdeq, thresholds under MODEL; 2 = this
+                               # layout). The loader recognises v1 keys by name (LEGACY_RENAMES), whatever it says
 _C.OUTPUT_DIR = "output"       # checkpoints and the resolved config go to OUTPUT_DIR/<dataset>/<cfg name>/
 _C.LOG_DIR = "log"             # tensorboard events go to LOG_DIR/<dataset>/<cfg name>/
 _C.DATA_DIR = ""               # prefix joined in front of a relative DATASET.ROOT
@@ -39,7 +40,7 @@ _C.DEVICE = "auto"             # ours: "auto" (cuda if available), "cpu" or "cud
 _C.CPU_ALLOCATOR = "retain"    # ours: "retain" keeps freed tensor memory (up to 32 MiB a block) in glibc's heap
                                # for reuse instead of unmapping it and page-faulting it back on the next op
                                # (eager MDEQ cells ~30% faster on the CPU); "system" leaves malloc as it is
-allow("", VERSION=choice(1, 2), OUTPUT_DIR=ANY, LOG_DIR=ANY, DATA_DIR=ANY, GPUS=unused(list_of(integer(lo=0))),
+allow("", VERSION=unused(choice(1, 2)), OUTPUT_DIR=ANY, LOG_DIR=ANY, DATA_DIR=ANY, GPUS=unused(list_of(integer(lo=0))),
       WORKERS=integer(lo=0), PERCENT=number(0, 1, lo_open=True), PRINT_FREQ=integer(lo=1), SEED=integer(lo=0),
       DEVICE=choice("auto", "cpu", "cuda"), CPU_ALLOCATOR=choice("retain", "system"))
 
@@ -114,7 +115,9 @@ allow("MODEL", NAME=ANY,  # deqlab.models.build_model checks it against the task
       NUM_GROUPS=integer(lo=2, multiple_of=2),  # the post-fusion GroupNorms use NUM_GROUPS // 2 groups
       DROPOUT=number(0, 1, hi_open=True), DOWNSAMPLE_TIMES=integer(lo=0), EXPANSION_FACTOR=integer(lo=1),
       IMAGE_SIZE=_SIZE, SKIP=choice("none", "skip", "skipreg"), SKIP_CHANNELS=integer(lo=0),
-      NORM_TYPE=choice("auto", "weight_norm", "spectral_norm", "none"),
+      # WNORM False with a normalisation named would be a contradiction: NORM_TYPE alone decides then
+      NORM_TYPE=given("MODEL.WNORM", choice(True), choice("auto", "weight_norm", "spectral_norm", "none"),
+                      otherwise=choice("auto", "none")),
       NORM_LAYERS=list_of(choice("blocks", "fuse", "post_fuse")), NORM_TARGET_NORM=number(lo=0, lo_open=True),
       NORM_CLIP_VALUE=number(lo=0, lo_open=True), SN_N_POWER_ITERS=integer(lo=1),
       WEIGHTS_FORMAT=choice("auto", "deqlab", "zoo"))
@@ -181,9 +184,16 @@ _C.DEQ.GRAD = "ift"            # ours: "ift" (implicit), "phantom" or "unrolled"
 _C.DEQ.PHANTOM_STEPS = 5       # ours: k of the phantom gradient
 _C.DEQ.PHANTOM_TAU = 0.5       # ours: damping tau of the phantom gradient
 _SOLVER = registered("deqlab.solvers", "SOLVERS")
+
+
+def _memory(solver_key: str) -> Rule:
+    """A history length, 0 (the solver's default) for a solver that keeps none."""
+    return given(solver_key, registered("deqlab.solvers", "MEMORY_OPTIONS"), integer(lo=0), otherwise=choice(0))
+
+
 allow("DEQ", F_SOLVER=_SOLVER, B_SOLVER=_SOLVER, STOP_MODE=registered("deqlab.solvers.common", "STOP_MODES"),
       F_THRES=integer(lo=1), B_THRES=integer(lo=1), F_EPS=number(lo=0), B_EPS=number(lo=0),
-      F_SOLVER_MEMORY=integer(lo=0), B_SOLVER_MEMORY=integer(lo=0),
+      F_SOLVER_MEMORY=_memory("DEQ.F_SOLVER"), B_SOLVER_MEMORY=_memory("DEQ.B_SOLVER"),
       RAND_F_THRES_DELTA=integer(lo=0), GRAD=registered("deqlab.deq", "GRAD_MODES"), PHANTOM_STEPS=integer(lo=1),
       PHANTOM_TAU=number(0, 1, lo_open=True))
 
@@ -207,7 +217,8 @@ _C.LOSS.OHEMKEEP = 100000      # OHEM: keep at least this many pixels per batch
 allow("LOSS", JAC_LOSS_FREQ=number(0, 1), JAC_LOSS_WEIGHT=number(lo=0), JAC_INCREMENTAL=integer(lo=1),
       JAC_STOP_EPOCH=integer(lo=0), PRETRAIN_JAC_LOSS_WEIGHT=number(lo=0), OHEMTHRES=number(0, 1, lo_open=True),
       OHEMKEEP=integer(lo=0), SKIP_WEIGHT=number(lo=0), FPC_WEIGHTS=choice("const", "linear", "exp"),
-      FPC_GAMMA=number(0, 1), FPC_GAP=integer(lo=1))
+      FPC_GAMMA=number(0, 1), FPC_GAP=integer(lo=1),
+      FPC=given("DEQ.GRAD", choice("phantom"), ANY, otherwise=choice(False)))  # FPC weighs the phantom iterates
 
 _C.DATASET = CN()
 _C.DATASET.DATASET = "cifar10"  # a name in deqlab.data.DATASETS: cifar10, fashion_mnist, imagenet, cityscapes, ...

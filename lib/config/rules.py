@@ -2,7 +2,8 @@
 
 A rule says whether a value passes (``ok``) and what is allowed (``allowed``, for the error line). Bounds,
 lengths and divisors may name another key (``integer(lo="TRAIN.BEGIN_EPOCH")``): they are read from the
-merged config, so constraints between keys are declared like any other. ``check_values`` runs every rule
+merged config, so constraints between keys are declared like any other; ``given`` makes a key's rule depend on
+another key's value (``LOSS.FPC`` only with ``DEQ.GRAD phantom``). ``check_values`` runs every rule
 after the YAML and the overrides are merged and raises a one-line ``ConfigError`` naming the key, the value,
 what is allowed and where the value came from.
 
@@ -158,6 +159,29 @@ class Unused(Rule):
         return f"{self.rule.allowed(cfg)} (the key is kept so original YAMLs load; nothing reads it)"
 
 
+class Given(Rule):
+    """``rule`` while key ``ref``'s value passes ``condition``, else ``otherwise`` (see :func:`given`)."""
+
+    def __init__(self, ref: str, condition: Rule, rule: Rule, otherwise: Rule) -> None:
+        self.ref, self.condition, self.rule, self.otherwise = ref, condition, rule, otherwise
+        self.refs = (ref, *condition.refs, *rule.refs, *otherwise.refs)
+
+    def _holds(self, cfg: Any) -> bool:
+        return self.condition.ok(lookup(cfg, self.ref), cfg)
+
+    def ok(self, value: Any, cfg: Any) -> bool:
+        return (self.rule if self._holds(cfg) else self.otherwise).ok(value, cfg)
+
+    def allowed(self, cfg: Any) -> str:
+        if self._holds(cfg):
+            return self.rule.allowed(cfg)
+        return (f"{self.otherwise.allowed(cfg)} when {self.ref} is {lookup(cfg, self.ref)!r} "
+                f"(not {self.condition.allowed(cfg)})")
+
+    def hint(self, value: Any, cfg: Any) -> str:
+        return (self.rule if self._holds(cfg) else self.otherwise).hint(value, cfg)
+
+
 # ---- the constructors defaults.py uses ---------------------------------------------------------------------
 ANY = Anything()
 
@@ -195,6 +219,12 @@ def empty_or(rule: Rule, meaning: str) -> Rule:
 def unused(rule: Rule = ANY) -> Rule:
     """Mark a key nothing reads (kept so the original YAMLs load); values are still checked by ``rule``."""
     return Unused(rule)
+
+
+def given(ref: str, condition: Rule, rule: Rule, otherwise: Rule) -> Rule:
+    """A rule between keys: ``rule`` while key ``ref`` passes ``condition``, else ``otherwise`` (its error names
+    ``ref`` and its value), e.g. ``given("DEQ.GRAD", choice("phantom"), ANY, otherwise=choice(False))``."""
+    return Given(ref, condition, rule, otherwise)
 
 
 def check_values(cfg: Any, rules: Mapping[str, Rule], sources: Mapping[str, str]) -> None:

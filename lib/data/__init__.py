@@ -84,14 +84,20 @@ def dataset_dir(cfg) -> str:
     return os.path.join(root, sub)
 
 
+def _fraction(percent: float) -> float:
+    """``percent`` as a float, or a DatasetError unless it is in (0, 1]."""
+    if not 0.0 < float(percent) <= 1.0:
+        raise DatasetError(f"PERCENT must be in (0, 1], got {percent}")
+    return float(percent)
+
+
 def subsample(dataset: Dataset, percent: float, seed: int) -> Dataset:
     """The first ``round(percent * N)`` indices of a ``seed``-ed permutation (the same subset every run)."""
-    if not (0.0 < float(percent) <= 1.0):
-        raise DatasetError(f"PERCENT must be in (0, 1], got {percent}")
-    if percent >= 1.0:
+    percent = _fraction(percent)
+    if percent == 1.0:
         return dataset
     n = len(dataset)
-    k = max(1, int(round(float(percent) * n)))
+    k = max(1, int(round(percent * n)))
     gen = torch.Generator().manual_seed(int(seed))
     idx = torch.randperm(n, generator=gen)[:k].tolist()
     return Subset(dataset, idx)
@@ -106,9 +112,7 @@ def build_dataset(cfg, split: str, augment: bool | None = None) -> Dataset:
     """
     if split not in SPLITS:
         raise DatasetError(f"dataset split must be one of {', '.join(SPLITS)}, got {split!r}")
-    percent = float(cfg.PERCENT)
-    if not (0.0 < percent <= 1.0):  # checked before touching the disk
-        raise DatasetError(f"PERCENT must be in (0, 1], got {cfg.PERCENT}")
+    percent = _fraction(cfg.PERCENT)  # before touching the disk
     name, (builder, _, _) = _lookup(cfg)
     if builder is None:
         raise ConfigError(f"DATASET.DATASET {name} is a text corpus: train on it with tools/lm_train.py")

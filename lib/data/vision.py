@@ -39,8 +39,6 @@ def download_or_fail(message: str) -> bool:
 def image_hw(cfg) -> tuple[int, int]:
     """``MODEL.IMAGE_SIZE`` is ``[width, height]`` (defaults.py, HRNet/MDEQ convention); returns (H, W)."""
     size = list(cfg.MODEL.IMAGE_SIZE)
-    if len(size) == 1:
-        size = size * 2
     if len(size) != 2 or any(int(s) <= 0 for s in size):
         raise DatasetError(f"MODEL.IMAGE_SIZE must be [width, height] of positive ints, got {size}")
     return int(size[1]), int(size[0])

@@ -9,10 +9,11 @@ position-wise feed-forward; post-LN by default, pre-LN with ``pre_lnorm``. Layou
 original so its state_dicts (the released WT103 checkpoint included) load unchanged.
 
 The equilibrium, its implicit / phantom / unrolled gradient, the solvers and the Jacobian regulariser are those
-of ``deqlab.DEQ``. For ``0 <= train_step < pretrain_steps`` the cell is instead unrolled, as the original
-pretrains: ``n_layer`` times, or ``eval_n_layer`` times in eval mode at ``train_step`` 0 (the original's rule,
-``n_layer if self.training or train_step > 0 else eval_n_layer``). Its training script validates with the
-current step (>= 1), i.e. the ``n_layer`` stack while pretraining, and so does ``deqlab``'s trainer.
+of ``deqlab.DEQ``. For ``0 <= train_step < pretrain_steps`` the DEQ layer instead unrolls the cell, as the
+original pretrains: ``n_layer`` times, or ``eval_n_layer`` times in eval mode at ``train_step`` 0 (the original's
+rule, ``n_layer if self.training or train_step > 0 else eval_n_layer``), with no Jacobian loss. Its training
+script validates with the current step (>= 1), i.e. the ``n_layer`` stack while pretraining, and so does
+``deqlab``'s trainer.
 
 Dropout is variational: one mask per forward pass, the same at every solver step (``deqlab.layers``).
 """
@@ -25,9 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deqlab.deq import DEQ
+from deqlab.factory import get_deq
 from deqlab.layers import CellRunner, SequenceDropout, WeightNormConv1d, WeightNormLinear, reset_per_forward
 from deqlab.models.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, tie_adaptive
-from deqlab.solvers import memory_options
+
+ANDERSON_WINDOW = 6  # the original's Anderson window, kept when no solver memory is given
 
 Mems = list[Tensor]  # [z (mlen, bsz, d_model), u (mlen, bsz, 3 d_model)]
 
@@ -131,7 +134,8 @@ class DecoderCell(nn.Module):
 class DEQTransformerLM(nn.Module):
     """``loss, new_mems, info = model(data, target, mems=None, train_step=-1, f_thres=None)`` on (qlen, bsz)
     token tensors; ``loss`` is the per-token NLL (qlen, bsz) in token order. The constructor takes the original's
-    keyword arguments (those of ``DEQ-Sequence/models/deq_transformer.py``) plus the solver settings."""
+    keyword arguments (those of ``DEQ-Sequence/models/deq_transformer.py``) plus the solver settings, which build
+    its DEQ layer unless a ready one is passed as ``deq`` (as ``from_config`` does)."""
 
     def __init__(self, n_token: int, n_layer: int, eval_n_layer: int, n_head: int, d_model: int, d_head: int,
                  d_inner: int, dropout: float, dropatt: float, tie_weights: bool = True, d_embed: int | None = None,
@@ -141,13 +145,12 @@ class DEQTransformerLM(nn.Module):
                  f_thres: int = 30, b_thres: int = 40, f_eps: float = 1e-3, b_eps: float = 1e-6,
                  stop_mode: str = "rel", grad: str = "ift", phantom_steps: int = 5, phantom_tau: float = 0.5,
                  spectral_radius_mode: bool = False, init_std: float = 0.01, proj_init_std: float = 0.01,
-                 f_solver_memory: int = 0, b_solver_memory: int = 0, compile: bool = False) -> None:
+                 f_solver_memory: int = 0, b_solver_memory: int = 0, compile: bool = False,
+                 deq: DEQ | None = None) -> None:
         super().__init__()
         d_embed = d_model if d_embed is None or d_embed < 0 else d_embed
         cutoffs = list(cutoffs or [])
         self.n_token, self.d_model, self.mem_len, self.tgt_len = n_token, d_model, mem_len, tgt_len
-        self.n_layer, self.eval_n_layer, self.pretrain_steps = n_layer, eval_n_layer, pretrain_steps
-        self.spectral_radius_mode = spectral_radius_mode
         self.word_emb = AdaptiveEmbedding(n_token, d_embed, d_model, cutoffs, div_val=div_val)
         # as the original's VariationalDropout(dim=3), one mask per (sample, last dim) shared along dim 1: the same
         # embedding features at every position; the same positions of the (bsz, d_model, qlen) equilibrium
@@ -160,12 +163,11 @@ class DEQTransformerLM(nn.Module):
         self.cell = CellRunner(self.func, compile)
         self.crit = ProjectedAdaptiveLogSoftmax(n_token, d_embed, d_model, cutoffs, div_val=div_val)
         tie_adaptive(self.word_emb, self.crit, tie_weights, list(tie_projs or [False]))
-        f_window = 6 if f_solver == "anderson" else 0  # the original's Anderson window
-        self.deq = DEQ(f_solver=f_solver, b_solver=b_solver, f_max_iter=f_thres, b_max_iter=b_thres, f_tol=f_eps,
-                       b_tol=b_eps, stop_mode=stop_mode, grad=grad, phantom_steps=phantom_steps,
-                       phantom_tau=phantom_tau,
-                       f_solver_options=memory_options(f_solver, f_solver_memory or f_window, "DEQ.F_SOLVER_MEMORY"),
-                       b_solver_options=memory_options(b_solver, b_solver_memory, "DEQ.B_SOLVER_MEMORY"))
+        self.deq = deq if deq is not None else get_deq(
+            f_solver=f_solver, b_solver=b_solver, f_max_iter=f_thres, b_max_iter=b_thres, f_tol=f_eps, b_tol=b_eps,
+            stop_mode=stop_mode, grad=grad, phantom_steps=phantom_steps, phantom_tau=phantom_tau,
+            b_solver_memory=b_solver_memory, spectral_radius=spectral_radius_mode,
+            **self.deq_options(n_layer, eval_n_layer, pretrain_steps, f_solver, f_solver_memory))
         self.init_weights(init_std, proj_init_std)
 
     def init_weights(self, std: float, proj_std: float) -> None:
@@ -188,21 +190,28 @@ class DEQTransformerLM(nn.Module):
         nn.init.normal_(self.func.dec_attn.r_w_bias, 0.0, std)
         nn.init.normal_(self.func.dec_attn.r_r_bias, 0.0, std)
 
+    @staticmethod
+    def deq_options(n_layer: int, eval_n_layer: int, pretrain_steps: int, f_solver: str,
+                    f_solver_memory: int) -> dict[str, Any]:
+        """The DEQ layer's options that are this model's: the original's pretraining (``n_layer`` cells,
+        ``eval_n_layer`` in eval mode at step 0, no Jacobian loss) and its Anderson window."""
+        window = ANDERSON_WINDOW if f_solver == "anderson" else 0
+        return dict(pretrain_steps=pretrain_steps, pretrain_depth=n_layer, eval_pretrain_depth=eval_n_layer,
+                    pretrain_jac_loss=False, f_solver_memory=f_solver_memory or window)
+
     @classmethod
     def from_config(cls, cfg: Any, n_token: int) -> "DEQTransformerLM":
-        """The model of ``MODEL.TRANSFORMER``, ``MODEL``, ``DEQ``, ``LM`` and ``TRAIN.PRETRAIN_STEPS``."""
-        t, d = cfg.MODEL.TRANSFORMER, cfg.DEQ
+        """The model of ``MODEL.TRANSFORMER``, ``MODEL``, ``LM``, and the DEQ layer of ``deqlab.get_deq(cfg)``."""
+        t = cfg.MODEL.TRANSFORMER
         cutoffs = list(t.CUTOFFS) if t.ADAPTIVE else []
+        deq = get_deq(cfg, **cls.deq_options(cfg.MODEL.NUM_LAYERS, t.EVAL_N_LAYER, cfg.TRAIN.PRETRAIN_STEPS,
+                                             cfg.DEQ.F_SOLVER, cfg.DEQ.F_SOLVER_MEMORY))
         return cls(n_token, cfg.MODEL.NUM_LAYERS, t.EVAL_N_LAYER, t.N_HEAD, t.D_MODEL, t.D_HEAD, t.D_INNER,
                    cfg.MODEL.DROPOUT, t.DROPATT, tie_weights=t.TIE_WEIGHTS, d_embed=t.D_EMBED, div_val=t.DIV_VAL,
                    tie_projs=[False] + [bool(t.TIE_PROJS)] * len(cutoffs), pre_lnorm=t.PRE_LNORM,
                    wnorm=cfg.MODEL.WNORM, tgt_len=cfg.LM.TGT_LEN, mem_len=cfg.LM.MEM_LEN, local_size=t.LOCAL_SIZE,
-                   pretrain_steps=cfg.TRAIN.PRETRAIN_STEPS, cutoffs=cutoffs, f_solver=d.F_SOLVER,
-                   b_solver=d.B_SOLVER, f_thres=d.F_THRES, b_thres=d.B_THRES, f_eps=d.F_EPS, b_eps=d.B_EPS,
-                   stop_mode=d.STOP_MODE, grad=d.GRAD, phantom_steps=d.PHANTOM_STEPS, phantom_tau=d.PHANTOM_TAU,
-                   spectral_radius_mode=d.SPECTRAL_RADIUS_MODE, init_std=t.INIT_STD, proj_init_std=t.PROJ_INIT_STD,
-                   f_solver_memory=d.F_SOLVER_MEMORY, b_solver_memory=d.B_SOLVER_MEMORY,
-                   compile=cfg.MODEL.COMPILE)
+                   cutoffs=cutoffs, init_std=t.INIT_STD, proj_init_std=t.PROJ_INIT_STD, compile=cfg.MODEL.COMPILE,
+                   deq=deq)
 
     def injection(self, data: Tensor) -> Tensor:
         """The input injection u of (qlen, bsz) tokens: (bsz, 3 d_model, qlen)."""
@@ -235,14 +244,10 @@ class DEQTransformerLM(nn.Module):
         def f(z: Tensor) -> Tensor:
             return self.cell(z, us, z_mem, pos_emb)
 
-        pretraining = 0 <= train_step < self.pretrain_steps
-        depth = (self.n_layer if self.training or train_step > 0 else self.eval_n_layer) if pretraining else None
         # the state in the parameters' dtype (float32 under autocast too): the solver's residuals need it
         dtype = self.inject_conv.weight.dtype
         z0 = torch.zeros(bsz, self.d_model, qlen, dtype=dtype, device=u.device) if z0 is None else z0.to(dtype)
-        z, info = self.deq(f, z0, f_max_iter=f_thres, fixed_depth=depth,
-                           compute_jac_loss=compute_jac_loss and not pretraining,
-                           spectral_radius=self.spectral_radius_mode and not self.training)
+        z, info = self.deq(f, z0, train_step=train_step, f_max_iter=f_thres, compute_jac_loss=compute_jac_loss)
         return z, self.update_mems(z, us, z_mem), info
 
     def next_token_log_probs(self, z: Tensor) -> Tensor:

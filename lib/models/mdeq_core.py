@@ -21,7 +21,11 @@ and returns the skip loss mean((z0 − z*)²) (see ``deqlab.deq``); the backbone
 ``info["skip_loss"]`` and ``LOSS.SKIP_WEIGHT`` times it in ``info["aux_loss"]``, which the trainer adds. The
 predictor reads the injection detached, so with ``skip`` the skip loss trains the predictor only and the task
 loss everything else. The prediction is also the initial state at test time. With ``skipreg``, the f
-evaluation that makes z0 is counted in ``info["fwd"]["nfe"]`` (``info["fwd"]["init_nfe"]`` is 1), not as a step.
+evaluation that makes z0 is counted in ``info["fwd"]["nfe"]``, not as a step.
+
+The DEQ layer (``deqlab.get_deq(cfg)``) decides from ``train_step`` whether to pretrain unrolled
+(``TRAIN.PRETRAIN_STEPS``, ``TRAIN.ALL_UNROLLED``, ``MODEL.NUM_LAYERS`` applications of f) and estimates the
+spectral radius in eval mode (``DEQ.SPECTRAL_RADIUS_MODE``).
 
 Fixed-point correction (``LOSS.FPC`` with ``DEQ.GRAD phantom``): in training the DEQ layer returns the phantom
 iterates (``info["trajectory"]``) and the classifier and segmenter return one output per iterate, a
@@ -37,12 +41,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deqlab.deq import DEQ
 from deqlab.errors import ConfigError
+from deqlab.factory import get_deq
 from deqlab.layers import (CellRunner, NormalisedWeightMixin, NormOptions, VariationalDropout2d, conv3x3, norm_conv2d,
                            reset_per_forward)
 from deqlab.losses import Trajectory
-from deqlab.solvers import memory_options
 
 BN_MOMENTUM = 0.1
 
@@ -65,13 +68,11 @@ class CellNorm:
 
     @classmethod
     def from_config(cls, m: Any) -> "CellNorm":
-        """From ``cfg.MODEL``: ``NORM_TYPE`` auto follows ``WNORM`` (weight_norm or none); any other value decides."""
+        """From ``cfg.MODEL``: ``NORM_TYPE`` auto follows ``WNORM`` (weight_norm or none); any other value decides
+        (the config rules refuse one that contradicts ``WNORM`` False)."""
         kind = m.NORM_TYPE
         if kind == "auto":
             kind = "weight_norm" if m.WNORM else "none"
-        elif not m.WNORM and kind != "none":
-            raise ConfigError(f"MODEL.WNORM False contradicts MODEL.NORM_TYPE {kind}: set MODEL.NORM_TYPE alone "
-                              f"(MODEL.WNORM only matters when MODEL.NORM_TYPE is auto)")
         options = NormOptions(learn_scale=not m.NORM_NO_SCALE, target_norm=m.NORM_TARGET_NORM, clip=m.NORM_CLIP,
                               clip_value=m.NORM_CLIP_VALUE, power_iters=m.SN_N_POWER_ITERS)
         return cls(kind, tuple(m.NORM_LAYERS), options)
@@ -261,10 +262,6 @@ class MDEQBackbone(nn.Module):
         super().__init__()
         m, stage = cfg.MODEL, cfg.MODEL.EXTRA.FULL_STAGE
         self.num_channels = list(stage.NUM_CHANNELS)
-        self.num_layers = m.NUM_LAYERS
-        self.pretrain_steps = cfg.TRAIN.PRETRAIN_STEPS
-        self.all_unrolled = cfg.TRAIN.ALL_UNROLLED
-        self.spectral_radius_mode = cfg.DEQ.SPECTRAL_RADIUS_MODE
         check_resolutions(m.IMAGE_SIZE, m.DOWNSAMPLE_TIMES, stage.NUM_BRANCHES)
         width = self.num_channels[0]
         self.downsample = _stem(in_channels, width, m.DOWNSAMPLE_TIMES)
@@ -281,16 +278,8 @@ class MDEQBackbone(nn.Module):
         self.skip_weight = cfg.LOSS.SKIP_WEIGHT
         self.skip_predictor = SkipPredictor(width, self.num_channels, m.SKIP_CHANNELS or width,
                                             m.NUM_GROUPS) if m.SKIP == "skip" else None
-        if cfg.LOSS.FPC and cfg.DEQ.GRAD != "phantom":
-            raise ConfigError(f"LOSS.FPC (the fixed-point correction) applies the loss to the phantom-gradient "
-                              f"iterates: it needs DEQ.GRAD phantom, got {cfg.DEQ.GRAD!r}")
         self.fpc_gap = cfg.LOSS.FPC_GAP if cfg.LOSS.FPC else 0
-        d = cfg.DEQ
-        self.deq = DEQ(f_solver=d.F_SOLVER, b_solver=d.B_SOLVER, f_max_iter=d.F_THRES, b_max_iter=d.B_THRES,
-                       f_tol=d.F_EPS, b_tol=d.B_EPS, stop_mode=d.STOP_MODE, grad=d.GRAD,
-                       phantom_steps=d.PHANTOM_STEPS, phantom_tau=d.PHANTOM_TAU,
-                       f_solver_options=memory_options(d.F_SOLVER, d.F_SOLVER_MEMORY, "DEQ.F_SOLVER_MEMORY"),
-                       b_solver_options=memory_options(d.B_SOLVER, d.B_SOLVER_MEMORY, "DEQ.B_SOLVER_MEMORY"))
+        self.deq = get_deq(cfg)
 
     def init_weights(self) -> None:
         """The original's init: convs N(0, 0.01), BatchNorm affine (1, 0); weight norm g = ||v||; spectral norm
@@ -341,8 +330,7 @@ class MDEQBackbone(nn.Module):
 
     def solve(self, x: Tensor, train_step: int = -1, compute_jac_loss: bool = False,
               f_thres: int | None = None) -> tuple[list[Tensor], dict[str, Any]]:
-        """The equilibrium states (finest first) and the DEQ layer's ``info`` (plus ``aux_loss``, ``unrolled``,
-        ``sradius``)."""
+        """The equilibrium states (finest first) and the DEQ layer's ``info`` (plus ``aux_loss``)."""
         reset_per_forward(self.fullstage)  # weight norm once per forward, one dropout mask per forward
         if self.channels_last:  # the stem's outputs and so the injection follow the input's layout
             x = x.contiguous(memory_format=torch.channels_last)
@@ -355,14 +343,10 @@ class MDEQBackbone(nn.Module):
             z0 = [p.to(z.dtype) for p, z in zip(self.skip_predictor(injection[0].detach()), z0)]
         elif self.skip == "skipreg":
             z0 = [fz.to(z.dtype) for fz, z in zip(f(z0), z0)]
-        # Like the original, train_step in [0, PRETRAIN_STEPS) selects the unrolled forward in any mode.
-        unrolled = self.all_unrolled or 0 <= train_step < self.pretrain_steps
-        z, info = self.deq(f, z0, f_max_iter=f_thres, fixed_depth=self.num_layers if unrolled else None,
+        z, info = self.deq(f, z0, train_step=train_step, f_max_iter=f_thres,
                            compute_jac_loss=compute_jac_loss and self.training, z0_predicted=self.skip != "none",
-                           trajectory_every=self.fpc_gap if self.training else 0,
-                           spectral_radius=self.spectral_radius_mode and not self.training)
+                           trajectory_every=self.fpc_gap if self.training else 0)
         if self.skip == "skipreg" and info["fwd"] is not None:  # count the f evaluation that made z0
-            info["fwd"] = {**info["fwd"], "nfe": info["fwd"]["nfe"] + 1, "init_nfe": 1}
+            info["fwd"] = {**info["fwd"], "nfe": info["fwd"]["nfe"] + 1}
         info["aux_loss"] = None if info["skip_loss"] is None else self.skip_weight * info["skip_loss"]
-        info["unrolled"] = unrolled
         return z, info

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-from deqlab.errors import ConfigError
 from deqlab.solvers.anderson import anderson
 from deqlab.solvers.broyden import broyden
 from deqlab.solvers.fixed_point import fixed_point
@@ -31,7 +30,7 @@ def register_solver(name: str, fn: Callable | None = None):
 def get_solver(name: str) -> Callable:
     """The solver registered as ``name``; an unknown name lists the known ones."""
     if name not in SOLVERS:
-        raise ConfigError(f"unknown solver (DEQ.F_SOLVER / DEQ.B_SOLVER) {name!r}; known solvers: "
+        raise ValueError(f"unknown solver {name!r}; known solvers: "
                           f"{', '.join(sorted(SOLVERS))}")
     return SOLVERS[name]
 
@@ -40,13 +39,13 @@ def get_solver(name: str) -> Callable:
 MEMORY_OPTIONS = {"broyden": "memory", "anderson": "m"}
 
 
-def memory_options(name: str, memory: int, key: str = "DEQ.F_SOLVER_MEMORY") -> dict[str, int]:
+def memory_options(name: str, memory: int) -> dict[str, int]:
     """The options that bound solver ``name``'s history to ``memory`` past iterates; 0 keeps its default."""
     if memory == 0:
         return {}
     if name not in MEMORY_OPTIONS:
-        raise ConfigError(f"{key} {memory}: solver {name!r} keeps no history (only "
-                          f"{', '.join(sorted(MEMORY_OPTIONS))} do); use 0")
+        raise ValueError(f"memory={memory}: solver {name!r} keeps no history (only "
+                         f"{', '.join(sorted(MEMORY_OPTIONS))} do); use 0")
     return {MEMORY_OPTIONS[name]: memory}
 
 
@@ -60,7 +59,7 @@ def max_evals(name: str, max_iter: int) -> int:
 
 
 def budget_for_evals(name: str, evals: int) -> int:
-    """The budget (``max_iter``, ``DEQ.F_THRES``) at which solver ``name`` spends at most ``evals`` f evaluations
+    """The budget (``max_iter``) at which solver ``name`` spends at most ``evals`` f evaluations
     (at least 1)."""
     return max(1, evals - EXTRA_EVALS.get(name, 0))
 

@@ -36,6 +36,8 @@ def flatten_cell(f: Cell, z0: Tensor) -> tuple[Cell, Tensor]:
 
 
 def check_args(max_iter: int, tol: float, stop_mode: str) -> None:
+    """A ValueError unless the budget, tolerance and stop mode are valid (every solver checks its own; the DEQ
+    layer checks its two at construction)."""
     if stop_mode not in STOP_MODES:
         raise ValueError(f"unknown stop_mode {stop_mode!r}; expected one of {', '.join(STOP_MODES)}")
     if max_iter < 1:
@@ -53,7 +55,6 @@ class Tracker:
     """
 
     def __init__(self, z0: Tensor, tol: float, stop_mode: str) -> None:
-        check_args(1, tol, stop_mode)
         self.tol, self.stop_mode = tol, stop_mode
         self.tracked = torch.is_grad_enabled()
         self.best_z = z0 if self.tracked else z0.detach().clone()
