@@ -109,7 +109,7 @@ def test_both_models_build_their_layer_with_get_deq():
     model = build_model(cls_cfg, "cls")
     assert options(model.deq) == options(get_deq(cls_cfg)) and model.deq.pretrain_depth == 3
     lm_cfg = load_config(LM_CFG, ["DEQ.F_SOLVER", "anderson", "TRAIN.PRETRAIN_STEPS", "7"])
-    from_config = build_model(lm_cfg, "lm", n_token=50).deq
+    from_config = build_model(lm_cfg, "lm", n_token=5000).deq  # above the config's adaptive cutoffs
     t, d = lm_cfg.MODEL.TRANSFORMER, lm_cfg.DEQ
     keywords = deqlab.models.deq_transformer.DEQTransformerLM(
         50, lm_cfg.MODEL.NUM_LAYERS, t.EVAL_N_LAYER, t.N_HEAD, t.D_MODEL, t.D_HEAD, t.D_INNER, 0.0, 0.0,
