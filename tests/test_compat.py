@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 from deqlab.compat import torchdeq, zoo_cifar, zoo_imagenet
 from deqlab.config import load_config
+from deqlab.errors import ConfigError
 
 # deq-zoo/mdeq/mdeq_imagenet/run_mdeq.sh's flags, verbatim (the data path is the user's)
 ZOO_IMAGENET = ("--data YOUR_DATA_PATH --save-path ./log_dir --workers 8 --batch-size 64 --learning-rate 0.05 "
@@ -112,8 +113,9 @@ def test_norm_flags_map_to_the_cell_norm_keys():
     m = cfg.MODEL
     assert (m.NORM_TYPE, m.WNORM, m.NORM_NO_SCALE, m.NORM_CLIP, m.NORM_CLIP_VALUE, m.NORM_TARGET_NORM,
             m.SN_N_POWER_ITERS) == ("spectral_norm", True, True, True, 2.0, 3.0, 4)
-    _, cfg = cifar("--norm_type weight_norm MODEL.WNORM False")  # the pair wins: a contradiction the model names
-    assert (cfg.MODEL.NORM_TYPE, cfg.MODEL.WNORM) == ("weight_norm", False)
+    # the pair wins over the flag's WNORM True: a contradiction the config names
+    with pytest.raises(ConfigError, match="MODEL.NORM_TYPE must be one of auto, none when MODEL.WNORM is False"):
+        cifar("--norm_type weight_norm MODEL.WNORM False")
 
 
 def test_eval_lines():
