@@ -10,8 +10,6 @@ from deqlab.engine import Trainer
 from deqlab.engine.optim import build_objective
 from deqlab.objective import DEQObjective
 
-from conftest import REPO
-
 SCHEDULE = DEQObjective(jac_weight=0.4, jac_freq=1.0, jac_incremental=3, jac_stop_epoch=2, pretrain_steps=5,
                         pretrain_jac_weight=0.2, skip_weight=0.3)
 
