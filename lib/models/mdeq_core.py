@@ -19,8 +19,9 @@ Initial state (``MODEL.SKIP``; Skip DEQ, Pal et al. 2022, multiscale as ``MultiS
 one cell application from zeros, f(0; x), with no extra parameters. The DEQ layer starts from the prediction
 and returns the skip loss mean((z0 − z*)²) (see ``deqlab.deq``) in ``info["skip_loss"]``; the training objective
 (``deqlab.objective``) adds ``LOSS.SKIP_WEIGHT`` times it. The predictor reads the injection detached, so with
-``skip`` the skip loss trains the predictor only and the task loss everything else. The prediction is also the initial state at test time. With ``skipreg``, the f
-evaluation that makes z0 is counted in ``info["fwd"]["nfe"]`` (``info["fwd"]["init_nfe"]`` is 1), not as a step.
+``skip`` the skip loss trains the predictor only and the task loss everything else. The prediction is also the
+initial state at test time. With ``skipreg``, the f evaluation that makes z0 is counted in ``info["fwd"]["nfe"]``
+(``info["fwd"]["init_nfe"]`` is 1), not as a step.
 
 Fixed-point correction (``LOSS.FPC`` with ``DEQ.GRAD phantom``): in training the DEQ layer returns the phantom
 iterates (``info["trajectory"]``), the classifier and segmenter put the output of each in

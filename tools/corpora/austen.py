@@ -319,8 +319,8 @@ def _readme(stats: dict) -> str:
                      f"{100 * v['unk_rate']:.2f}% | {v['unigram_ppl']} |" for s, v in stats["splits"].items())
     origin = "Project Gutenberg's ebooks" if "gutenberg" in stats["source"] else f"Debian's `{PACKAGE}`"
     return (f"# Jane Austen corpus (WikiText layout)\n\nBuilt by `tools/make_austen_corpus.py` from {origin} "
-            f"({json.dumps(stats['source'])}). Format: `tools/corpora/austen.py`, "
-            f"tokenisation: `deqlab.data.lm.tokenize`. Words seen fewer than {stats['min_count']} times in train are `<unk>`; "
+            f"({json.dumps(stats['source'])}). Format: `tools/corpora/austen.py`, tokenisation: "
+            f"`deqlab.data.lm.tokenize`. Words seen fewer than {stats['min_count']} times in train are `<unk>`; "
             f"vocabulary {stats['vocab_size']:,} symbols with `<eos>` and `<unk>`.\n\n"
             "| split | novels | lines | tokens (with `<eos>`) | `<unk>` rate | unigram ppl (add-one) |\n"
             f"|---|---|---|---|---|---|\n{rows}\n")
