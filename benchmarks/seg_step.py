@@ -6,7 +6,7 @@
 The structure of ``train_step.py`` (same memory measures, see its docstring) for the Cityscapes model:
 ``experiments/cityscapes/seg_mdeq_SMALL.yaml`` as shipped (Broyden forward and backward, ``B_THRES`` 30, SGD
 with its LR/momentum/WD) on a ``--crop`` [width, height] random image with random labels, and that config's
-training loss (``deqlab.losses.build_seg_criterion``: logits upsampled to the label size, class-weighted
+training loss (``deqlab.segmentation.losses.build_seg_criterion``: logits upsampled to the label size, class-weighted
 cross-entropy, ignore label 255). Dropout is off and the forward tolerance 0, so every solve spends its whole
 ``F_THRES`` budget. Each (mode, F_THRES) runs in a fresh process.
 """
@@ -26,7 +26,7 @@ CONFIG = REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml"
 def measure(mode: str, f_thres: int, batch: int, crop: list[int], steps: int, device: str) -> dict:
     """Time ``steps`` training steps of MDEQ-SMALL seg (after one warm-up) and measure their memory."""
     from deqlab.config import load_config
-    from deqlab.losses import build_seg_criterion
+    from deqlab.segmentation.losses import build_seg_criterion
     from deqlab.models import build_model
 
     width, height = crop

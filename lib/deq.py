@@ -48,7 +48,7 @@ for or at a fixed depth (no equilibrium), as in both originals.
 
 Phantom trajectory (``trajectory_every=k``, ``grad="phantom"``). ``info["trajectory"]`` lists every k-th of
 the damped phantom iterates, each with its graph, and always the last (which is the returned state): the
-fixed-point correction loss (``deqlab.losses.fixed_point_correction``, Geng et al. 2021 / torchdeq's
+fixed-point correction loss (``deqlab.objective.fixed_point_correction``, Geng et al. 2021 / torchdeq's
 ``fp_correction``) applies the task loss to each. None in any other mode or when k is 0.
 """
 from __future__ import annotations

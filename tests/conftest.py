@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny Fashion-MNIST in its real on-disk (IDX) format and a tiny MDEQ config for it."""
+import importlib
 import os
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,16 @@ COMPAT = Path(os.environ.get("DEQLAB_COMPAT_DIR", REPO.parent / "shared" / "comp
 # Outside CI a checkout without them skips the tests that need them; under CI=true those tests run and fail.
 needs_compat = pytest.mark.skipif(not COMPAT.is_dir() and os.environ.get("CI") != "true",
                                   reason=f"compat fixtures not found at {COMPAT} (set DEQLAB_COMPAT_DIR)")
+
+
+def import_tool(name: str):
+    """The module ``name`` of ``tools/`` (a script, or ``corpora.austen``), imported as the tools import each
+    other: with their folder first on ``sys.path``."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "tools"))
 
 
 def write_fashion_mnist(root: Path, n_train: int = 48, n_test: int = 16, seed: int = 0) -> Path:

@@ -1,5 +1,5 @@
 """The fixed-point correction loss (torchdeq's fp_correction) and its use with the phantom gradient: the DEQ
-layer's trajectory, the MDEQ classifier's and segmenter's list of outputs, the tasks' loss, the trainer."""
+layer's trajectory, the MDEQ classifier's and segmenter's outputs per iterate, the objective, the trainer."""
 import re
 
 import pytest
@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from deqlab.config import load_config
 from deqlab.deq import DEQ
 from deqlab.engine import Trainer
+from deqlab.engine.optim import build_objective
 from deqlab.errors import ConfigError
-from deqlab.losses import Trajectory, fixed_point_correction, fpc_weights
+from deqlab.objective import fixed_point_correction, fpc_weights
 from deqlab.models import build_model
 from deqlab.tasks import get_task
 
@@ -109,24 +110,26 @@ def test_fpc_classifier_returns_one_output_per_phantom_iterate_and_the_task_appl
     plain = build_model(plain_cfg, "cls")
     x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
     model.train(), plain.train()
-    out, info = model(x, train_step=10)
+    last, info = model(x, train_step=10)
+    out = info["trajectory_outputs"]
     ref, _ = plain(x, train_step=10)
-    assert isinstance(out, Trajectory) and len(out) == 4 == len(info["trajectory"])
+    assert len(out) == 4 == len(info["trajectory"]) and out[-1] is last
     assert torch.allclose(out[-1], ref, atol=1e-6)  # the last output is the plain model's output
     assert not torch.allclose(out[0], out[-1])
     task = get_task("cls", cfg)
     want = direct([F.cross_entropy(o, y) for o in out], "linear", 0.5)
-    assert task.loss(out, y).item() == pytest.approx(want.item(), rel=1e-6)
+    objective = build_objective(cfg)
+    assert objective(task.loss, last, y, info, 10, 0).loss.item() == pytest.approx(want.item(), rel=1e-6)
     assert task.loss(out[-1], y).item() == pytest.approx(F.cross_entropy(ref, y).item(), rel=1e-5)
-    assert task.train_stats(out.detach(), y) == task.train_stats(ref.detach(), y)
+    assert task.train_stats(last.detach(), y) == task.train_stats(ref.detach(), y)
     model.eval()
     with torch.no_grad():
         out, info = model(x)
-    assert isinstance(out, torch.Tensor) and info["trajectory"] is None  # evaluation: the equilibrium's output
+    assert info["trajectory"] is None and "trajectory_outputs" not in info  # evaluation: the equilibrium's output
     # unrolled pretraining: no phantom iterates, one output
     model.train()
-    out, _ = model(x, train_step=0)
-    assert isinstance(out, torch.Tensor)
+    out, info = model(x, train_step=0)
+    assert isinstance(out, torch.Tensor) and "trajectory_outputs" not in info
 
 
 def test_fpc_segmenter_and_its_loss():
@@ -137,12 +140,12 @@ def test_fpc_segmenter_and_its_loss():
     model.train()
     x = torch.randn(2, 3, 32, 64)
     y = torch.randint(0, cfg.DATASET.NUM_CLASSES, (2, 32, 64))
-    out, _ = model(x, train_step=10)
-    assert isinstance(out, Trajectory) and len(out) == 2  # iterates 2 and 3
+    last, info = model(x, train_step=10)
+    out = info["trajectory_outputs"]
+    assert len(out) == 2 and out[-1] is last  # iterates 2 and 3
     task = get_task("seg", cfg)
     want = direct([task.loss(o, y) for o in out], "exp", 0.8)
-    assert task.loss(out, y).item() == pytest.approx(want.item(), rel=1e-6)
-    assert task.train_stats(out.detach(), y) == task.train_stats(out[-1].detach(), y)
+    assert build_objective(cfg)(task.loss, last, y, info, 10, 0).loss.item() == pytest.approx(want.item(), rel=1e-6)
 
 
 def test_fpc_needs_the_phantom_gradient():

@@ -6,9 +6,10 @@ import urllib.error
 
 import pytest
 
-from conftest import REPO
-from deqlab.data import austen, gutenberg
+from conftest import REPO, import_tool
 from deqlab.errors import DatasetError
+
+austen, gutenberg = import_tool("corpora.austen"), import_tool("corpora.gutenberg")
 
 
 def gutenberg_ebook(title: str, number: int, chapters: list[str]) -> str:
@@ -85,11 +86,7 @@ def test_apt_failure_falls_back_to_gutenberg(tmp_path):
 
 
 def test_corpus_built_from_gutenberg(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import make_austen_corpus
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    make_austen_corpus = import_tool("make_austen_corpus")
     base = write_mirror(tmp_path / "mirror")
     stats = make_austen_corpus.main(["--gutenberg", "--gutenberg-url", base, "--out", str(tmp_path / "austen"),
                                      "--min-count", "2"])

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tarfile
 import zlib
 from pathlib import Path
@@ -15,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import COMPAT, REPO, needs_compat
-from deqlab.data import austen, lm
+from conftest import COMPAT, REPO, import_tool, needs_compat
+from deqlab.data import lm
 from deqlab.data.lm import LMOrderedIterator, batchify, load_corpus, shard_streams, unigram_perplexity
 from deqlab.errors import DatasetError
 
 pytestmark = pytest.mark.timeout(60)
+austen = import_tool("corpora.austen")
 DT = COMPAT / "deq_transformer"
 
 
@@ -161,7 +161,7 @@ def test_unigram_perplexity_by_hand():
 # --- Jane Austen corpus -------------------------------------------------------------------------------
 
 def test_tokenize_real_sentences():
-    tok = austen.tokenize
+    tok = lm.tokenize
     assert tok('"My dear Mr. Bennet," said his lady to him one day, "have you heard that Netherfield '
                'Park is let at last?"') == [
         '"', "My", "dear", "Mr", ".", "Bennet", ",", '"', "said", "his", "lady", "to", "him", "one", "day", ",",
@@ -233,11 +233,7 @@ TINY_NOVELS = {name: [title.upper(), "", "by Jane Austen", "", "CHAPTER I", "",
 
 
 def test_make_austen_corpus_from_a_synthetic_lazyload_db(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import make_austen_corpus
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    make_austen_corpus = import_tool("make_austen_corpus")
     rdata_dir = _write_lazyload(tmp_path / "janeaustenr" / "data", TINY_NOVELS)
     assert austen.read_rdata_dir(tmp_path / "janeaustenr") == TINY_NOVELS
     out = tmp_path / "austen"

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, write_fashion_mnist
+from conftest import REPO, import_tool, write_fashion_mnist
 
 pytestmark = pytest.mark.timeout(900)
 RUNNER = Path(__file__).with_name("readme_runner.py")
@@ -89,13 +89,12 @@ def write_image_folders(root: Path, per_class: int = 2, seed: int = 0) -> None:
 
 def write_austen(root: Path, seed: int = 0) -> None:
     """A tiny corpus in the Austen builder's layout, built by the builder from six made-up 'novels'."""
-    from deqlab.data.austen import NOVELS, build_corpus
-
+    austen = import_tool("corpora.austen")
     rng = np.random.default_rng(seed)
     words = [f"w{i}" for i in range(60)]
     novels = {name: ["CHAPTER I", ""] + [" ".join(rng.choice(words, size=12)) + "." for _ in range(40)]
-              for name in NOVELS}
-    build_corpus(novels, root / "austen", min_count=2, log=lambda msg: None)
+              for name in austen.NOVELS}
+    austen.build_corpus(novels, root / "austen", min_count=2, log=lambda msg: None)
 
 
 @pytest.fixture(scope="module")

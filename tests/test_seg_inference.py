@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deqlab.inference import ORIGINAL_TEST_SCALES, resize_long_side, segment
+from deqlab.segmentation.inference import ORIGINAL_TEST_SCALES, resize_long_side, segment
 
 C = 3
 

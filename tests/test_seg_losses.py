@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from deqlab.config import get_defaults
-from deqlab.losses import CITYSCAPES_CLASS_WEIGHTS, CrossEntropy, OhemCrossEntropy, build_seg_criterion
-from deqlab.metrics import confusion_matrix, segmentation_scores
+from deqlab.segmentation.losses import CITYSCAPES_CLASS_WEIGHTS, CrossEntropy, OhemCrossEntropy, build_seg_criterion
+from deqlab.segmentation.metrics import confusion_matrix, segmentation_scores
 
 IGNORE = 255
 

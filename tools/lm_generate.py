@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from deqlab.data.austen import tokenize
+from deqlab.data.lm import tokenize
 from deqlab.engine.cli import parse_config, run_tool, tool_parser
 from deqlab.engine.evaluator import eval_f_thres
 from deqlab.errors import ConfigError

@@ -6,7 +6,7 @@ Reads Debian's ``r-cran-janeaustenr`` (downloaded with ``apt-get download`` into
 mirror or a local ``file://`` folder of ``<n>/pg<n>.txt``), and where neither can be reached it says so in one
 line. Writes ``data/austen/{train,valid,test}.txt`` plus ``stats.json`` and ``README.md``; train = Emma,
 Mansfield Park, Pride and Prejudice, Sense and Sensibility, valid = Northanger Abbey, test = Persuasion. Format:
-``lib/data/austen.py``. Reading the Debian package needs PyPI ``rdata``.
+``tools/corpora/austen.py``. Reading the Debian package needs PyPI ``rdata``.
 
 Example::
 
@@ -15,8 +15,8 @@ Example::
 import argparse
 from pathlib import Path
 
-from deqlab.data import gutenberg
-from deqlab.data.austen import build_corpus, load_novels
+from corpora import gutenberg  # tools/corpora: this script's folder is on sys.path
+from corpora.austen import build_corpus, load_novels
 from deqlab.engine.cli import run_tool
 from deqlab.utils.tool_help import help_format
 

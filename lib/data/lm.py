@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import warnings
 from array import array
 from collections import Counter
@@ -31,7 +32,7 @@ from deqlab.errors import DatasetError
 from deqlab.utils.files import atomic_open
 
 __all__ = ["EOS", "UNK", "SPLITS", "Vocab", "Corpus", "load_corpus", "count_file", "batchify", "shard_streams",
-           "LMOrderedIterator", "unigram_perplexity", "CACHE_NAME"]
+           "LMOrderedIterator", "unigram_perplexity", "tokenize", "CACHE_NAME"]
 
 EOS, UNK = "<eos>", "<unk>"
 SPLITS = ("train", "valid", "test")
@@ -41,6 +42,46 @@ WT103_HINT = ("WikiText-103: download wikitext-103-v1.zip (locuslab/deq's get_da
               "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip), unzip it and rename "
               "wiki.{train,valid,test}.tokens to {train,valid,test}.txt; or build the small Jane Austen corpus with "
               "python tools/make_austen_corpus.py")
+
+_TOKEN = re.compile(r"""(?P<dash>-{2,}) | (?P<num>\d+(?:[.,]\d+)+) | (?P<etc>&c\b)
+                      | (?P<word>[^\W_]+(?:'[^\W_]+)*) | (?P<other>\S)""", re.X)
+_NT = re.compile(r"^(.+?)(n't)$", re.I)
+_CLITIC = re.compile(r"^(.+?)('(?:s|m|d|ll|re|ve))$", re.I)
+
+
+def _split_word(word: str) -> list[str]:
+    for pattern in (_NT, _CLITIC):
+        m = pattern.match(word)
+        if m:
+            return [m.group(1), m.group(2)]
+    return [word]
+
+
+def tokenize(text: str) -> list[str]:
+    """WikiText-style (Moses) word tokens of one paragraph of plain text, as the Austen corpus is tokenised:
+
+    ``_italic_`` underscores removed; punctuation split off (``word , word .``; every period, "Mr." too); an
+    intra-word hyphen is ``@-@`` (``drawing @-@ room``), a run of two or more hyphens the dash token ``--``; digit
+    groups ``1 @,@ 000`` / ``3 @.@ 5``; clitics split off as in the Penn Treebank (``Anne 's``, ``do n't``,
+    ``ca n't``, ``I 'll``); other inner apostrophes stay in the word (``o'clock``, ``ma'am``); a leading or
+    trailing apostrophe is a token of its own; ``&c`` is one token.
+    """
+    text = text.replace("_", "")
+    tokens: list[str] = []
+    for m in _TOKEN.finditer(text):
+        kind, tok = m.lastgroup, m.group()
+        if kind == "dash":
+            tokens.append("--")
+        elif kind == "num":
+            tokens += [{",": "@,@", ".": "@.@"}.get(p, p) for p in re.split(r"([.,])", tok)]
+        elif kind == "word":
+            tokens += _split_word(tok)
+        elif tok == "-" and 0 < m.start() and m.end() < len(text) and text[m.start() - 1].isalnum() \
+                and text[m.end()].isalnum():
+            tokens.append("@-@")
+        else:
+            tokens.append(tok)
+    return tokens
 
 
 def _lines(path: Path) -> Iterator[tuple[int, list[str]]]:

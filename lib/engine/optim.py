@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule from the config; the schedule is stepped once per iteration."""
+"""Optimizer, learning-rate schedule and DEQ objective from the config; the schedule is stepped once per iteration."""
 from __future__ import annotations
 
 import bisect
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from deqlab.errors import ConfigError
+from deqlab.objective import DEQObjective
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam, "sgd": torch.optim.SGD}
 
@@ -23,6 +24,16 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=t.LR, momentum=t.MOMENTUM, weight_decay=t.WD, nesterov=t.NESTEROV)
     return OPTIMIZERS[name](params, lr=t.LR, weight_decay=t.WD)
+
+
+def build_objective(cfg: Any) -> DEQObjective:
+    """The training objective of ``LOSS.*`` (Jacobian schedule, Skip DEQ weight, fixed-point correction) and
+    ``TRAIN.PRETRAIN_STEPS``."""
+    loss = cfg.LOSS
+    return DEQObjective(jac_weight=loss.JAC_LOSS_WEIGHT, jac_freq=loss.JAC_LOSS_FREQ,
+                        jac_incremental=loss.JAC_INCREMENTAL, jac_stop_epoch=loss.JAC_STOP_EPOCH,
+                        pretrain_steps=cfg.TRAIN.PRETRAIN_STEPS, pretrain_jac_weight=loss.PRETRAIN_JAC_LOSS_WEIGHT,
+                        skip_weight=loss.SKIP_WEIGHT, fpc_weights=loss.FPC_WEIGHTS, fpc_gamma=loss.FPC_GAMMA)
 
 
 class LRFactor:

@@ -28,7 +28,7 @@ from deqlab.data import set_epoch
 from deqlab.engine.divergence import DivergenceGuard, StepCheck, nonfinite_metrics
 from deqlab.engine.evaluator import autocast_context, eval_f_thres, evaluate, solver_summary
 from deqlab.engine.logs import attach_log_file
-from deqlab.engine.optim import build_optimizer, build_scheduler, observe_validation
+from deqlab.engine.optim import build_objective, build_optimizer, build_scheduler, observe_validation
 from deqlab.engine.precise_bn import log_gap, recompute_bn_stats
 from deqlab.engine.run_files import run_files
 from deqlab.errors import CheckpointError
@@ -36,16 +36,6 @@ from deqlab.tasks import Task, get_task
 from deqlab.utils.dist import DistInfo, barrier, init_distributed, to_device
 
 log = logging.getLogger("deqlab")
-
-
-def jac_loss_weight(cfg: Any, step: int, epoch: int) -> float:
-    """The Jacobian-regulariser weight at this step (the original's schedule)."""
-    deq_steps = step - cfg.TRAIN.PRETRAIN_STEPS
-    if deq_steps < 0:
-        return cfg.LOSS.PRETRAIN_JAC_LOSS_WEIGHT
-    if epoch >= cfg.LOSS.JAC_STOP_EPOCH:
-        return 0.0
-    return cfg.LOSS.JAC_LOSS_WEIGHT + 0.1 * (deq_steps // cfg.LOSS.JAC_INCREMENTAL)
 
 
 # What a resume checkpoint holds beyond a weights-only file (final_state.pth, model_best.pth).
@@ -97,6 +87,7 @@ class Trainer:
         self.test_loader = self.task.build_loader("test", distributed=self.dist.distributed)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.train_loader))
+        self.objective = build_objective(cfg)
         fp16 = cfg.AMP.ENABLED and cfg.AMP.DTYPE == "float16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.epoch, self.step, self.best = cfg.TRAIN.BEGIN_EPOCH, 0, None
@@ -201,22 +192,17 @@ class Trainer:
         """One optimizer step on the batch ``(x, y)``; returns the numbers the progress bar and tensorboard show,
         or None when the step went non-finite and ``TRAIN.NONFINITE skip`` dropped its update."""
         cfg = self.cfg
-        factor = jac_loss_weight(cfg, self.step, self.epoch)
-        compute_jac = factor > 0 and torch.rand([]).item() < cfg.LOSS.JAC_LOSS_FREQ
+        compute_jac = self.objective.draw_jac(self.step, self.epoch)
         f_thres = self.task.train_f_thres(compute_jac)
         undo = self.guard.snapshot(self.model, self.task)
         with autocast_context(cfg, self.device):
             output, info = self.task.forward(self.net, x, train_step=self.step, compute_jac_loss=compute_jac,
                                              f_thres=f_thres)
-            loss = self.task.loss(output, y)
-        total = loss + factor * info["jac_loss"] if info["jac_loss"] is not None else loss
-        aux = info.get("aux_loss")  # a model's own weighted auxiliary losses (e.g. Skip DEQ's), already scaled
-        if aux is not None:
-            total = total + aux
+            terms = self.objective(self.task.loss, output, y, info, self.step, self.epoch)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
+        self.scaler.scale(terms.total).backward()
         # The step's one host sync. Under float16 AMP the scaler skips overflowing gradients itself.
-        check = StepCheck.measure(self.model, loss, info["jac_loss"], aux, info["fwd"],
+        check = StepCheck.measure(self.model, terms.loss, terms.jac_loss, terms.aux_loss, info["fwd"],
                                   check_grads=not self.scaler.is_enabled())
         skipped = self.guard.skip(self.step + 1, check, undo, self.model, self.task)
         if skipped:

@@ -17,19 +17,20 @@ Initial state (``MODEL.SKIP``; Skip DEQ, Pal et al. 2022, multiscale as ``MultiS
 ``none`` starts every branch from zeros; ``skip`` predicts each branch's state from the injection with
 :class:`SkipPredictor` (its own parameters, under ``skip_predictor.``); ``skipreg`` (Skip DEQ V2) starts from
 one cell application from zeros, f(0; x), with no extra parameters. The DEQ layer starts from the prediction
-and returns the skip loss mean((z0 − z*)²) (see ``deqlab.deq``); the backbone reports it in
-``info["skip_loss"]`` and ``LOSS.SKIP_WEIGHT`` times it in ``info["aux_loss"]``, which the trainer adds. The
-predictor reads the injection detached, so with ``skip`` the skip loss trains the predictor only and the task
-loss everything else. The prediction is also the initial state at test time. With ``skipreg``, the f
-evaluation that makes z0 is counted in ``info["fwd"]["nfe"]``, not as a step.
+and returns the skip loss mean((z0 − z*)²) (see ``deqlab.deq``) in ``info["skip_loss"]``; the training objective
+(``deqlab.objective``) adds ``LOSS.SKIP_WEIGHT`` times it. The predictor reads the injection detached, so with
+``skip`` the skip loss trains the predictor only and the task loss everything else. The prediction is also the
+initial state at test time. With ``skipreg``, the f evaluation that makes z0 is counted in ``info["fwd"]["nfe"]``,
+not as a step.
 
 The DEQ layer (``deqlab.get_deq(cfg)``) decides from ``train_step`` whether to pretrain unrolled
 (``TRAIN.PRETRAIN_STEPS``, ``TRAIN.ALL_UNROLLED``, ``MODEL.NUM_LAYERS`` applications of f) and estimates the
 spectral radius in eval mode (``DEQ.SPECTRAL_RADIUS_MODE``).
 
 Fixed-point correction (``LOSS.FPC`` with ``DEQ.GRAD phantom``): in training the DEQ layer returns the phantom
-iterates (``info["trajectory"]``) and the classifier and segmenter return one output per iterate, a
-``deqlab.losses.Trajectory``; the tasks' loss applies ``deqlab.losses.fixed_point_correction``.
+iterates (``info["trajectory"]``), the classifier and segmenter put the output of each in
+``info["trajectory_outputs"]`` (the last is the returned output), and the training objective applies
+``deqlab.objective.fixed_point_correction`` to their task losses.
 """
 from __future__ import annotations
 
@@ -45,7 +46,6 @@ from deqlab.errors import ConfigError
 from deqlab.factory import get_deq
 from deqlab.layers import (CellRunner, NormalisedWeightMixin, NormOptions, VariationalDropout2d, conv3x3, norm_conv2d,
                            reset_per_forward)
-from deqlab.losses import Trajectory
 
 BN_MOMENTUM = 0.1
 
@@ -275,7 +275,6 @@ class MDEQBackbone(nn.Module):
         self.channels_last = m.CHANNELS_LAST
         self.cell = CellRunner(self.fullstage, m.COMPILE)
         self.skip = m.SKIP
-        self.skip_weight = cfg.LOSS.SKIP_WEIGHT
         self.skip_predictor = SkipPredictor(width, self.num_channels, m.SKIP_CHANNELS or width,
                                             m.NUM_GROUPS) if m.SKIP == "skip" else None
         self.fpc_gap = cfg.LOSS.FPC_GAP if cfg.LOSS.FPC else 0
@@ -320,17 +319,18 @@ class MDEQBackbone(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor, train_step: int = -1, compute_jac_loss: bool = False,
-                f_thres: int | None = None) -> tuple[Tensor | Trajectory, dict[str, Any]]:
-        """``head`` of the equilibrium; in training with ``LOSS.FPC`` a :class:`Trajectory`, one output per
-        phantom iterate."""
+                f_thres: int | None = None) -> tuple[Tensor, dict[str, Any]]:
+        """``head`` of the equilibrium; in training with ``LOSS.FPC`` also ``head`` of each phantom iterate in
+        ``info["trajectory_outputs"]``."""
         z, info = self.solve(x, train_step, compute_jac_loss, f_thres)
-        if info["trajectory"] is not None:
-            return Trajectory(self.head(z_k) for z_k in info["trajectory"]), info
+        if info["trajectory"] is not None:  # its last state is z: its output is the returned one
+            info["trajectory_outputs"] = [self.head(z_k) for z_k in info["trajectory"]]
+            return info["trajectory_outputs"][-1], info
         return self.head(z), info
 
     def solve(self, x: Tensor, train_step: int = -1, compute_jac_loss: bool = False,
               f_thres: int | None = None) -> tuple[list[Tensor], dict[str, Any]]:
-        """The equilibrium states (finest first) and the DEQ layer's ``info`` (plus ``aux_loss``)."""
+        """The equilibrium states (finest first) and the DEQ layer's ``info``."""
         reset_per_forward(self.fullstage)  # weight norm once per forward, one dropout mask per forward
         if self.channels_last:  # the stem's outputs and so the injection follow the input's layout
             x = x.contiguous(memory_format=torch.channels_last)
@@ -348,5 +348,4 @@ class MDEQBackbone(nn.Module):
                            trajectory_every=self.fpc_gap if self.training else 0)
         if self.skip == "skipreg" and info["fwd"] is not None:  # count the f evaluation that made z0
             info["fwd"] = {**info["fwd"], "nfe": info["fwd"]["nfe"] + 1}
-        info["aux_loss"] = None if info["skip_loss"] is None else self.skip_weight * info["skip_loss"]
         return z, info

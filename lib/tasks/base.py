@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader
 
 from deqlab.checkpoint import load_weights
 from deqlab.data import build_loader
-from deqlab.losses import Trajectory, fixed_point_correction
 from deqlab.deq import mean_spectral_radius
 from deqlab.solvers.common import SolveSummary, solver_summary
 from deqlab.models import build_model
@@ -62,7 +61,8 @@ class Task:
         return build_loader(self.cfg, split, distributed=distributed, augment=augment)
 
     def forward(self, net: nn.Module, x: Any, **kwargs: Any) -> tuple[Tensor, dict[str, Any]]:
-        """The training forward: ``(output, info)`` for ``loss(output, target)`` and the DEQ stats."""
+        """The training forward: ``(output, info)`` for the objective (``loss(output, target)`` and the DEQ terms
+        in ``info``) and the DEQ stats."""
         return net(x, **kwargs)
 
     def train_f_thres(self, compute_jac_loss: bool) -> int:
@@ -90,17 +90,9 @@ class Task:
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         """Restore :meth:`state_dict` when a run resumes."""
 
-    def loss(self, output: Tensor | Trajectory, target: Tensor) -> Tensor:
-        """The loss of a batch (a scalar). For a :class:`~deqlab.losses.Trajectory` (a model trained with
-        ``LOSS.FPC``: one output per phantom iterate) the fixed-point correction of the outputs' losses."""
-        if isinstance(output, Trajectory):
-            fpc = self.cfg.LOSS
-            return fixed_point_correction([self.output_loss(o, target) for o in output], fpc.FPC_WEIGHTS,
-                                          fpc.FPC_GAMMA)
-        return self.output_loss(output, target)
-
-    def output_loss(self, output: Tensor, target: Tensor) -> Tensor:
-        """The loss of one output of the model for a batch (a scalar)."""
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """The task's loss of one output of the model for a batch (a scalar). The DEQ terms (Jacobian, skip,
+        fixed-point correction) are added by the training objective, ``deqlab.objective.DEQObjective``."""
         raise NotImplementedError
 
     def train_stats(self, output: Tensor, target: Tensor) -> dict[str, float]:

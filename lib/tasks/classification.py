@@ -1,7 +1,7 @@
 """Image classification (MDEQ on CIFAR-10, ImageNet, Fashion-MNIST): cross-entropy, top-1/top-5.
 
-With ``LOSS.FPC`` the model's training output is a ``deqlab.losses.Trajectory`` of logits, one per phantom
-iterate: ``Task.loss`` takes their fixed-point correction; the per-step accuracy is the last one's.
+With ``LOSS.FPC`` the model also returns the logits of each phantom iterate (``info["trajectory_outputs"]``) and
+the training objective (``deqlab.objective``) takes the fixed-point correction of their cross-entropies.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class ClassificationTask(Task):
     perf_label = "accuracy (top-1, %)"
     pretrained_exclude = ("classifier.",)  # a new dataset's classes: keep the fresh classifier
 
-    def output_loss(self, output: Tensor, target: Tensor) -> Tensor:
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output.float(), target)
 
     def train_stats(self, output: Tensor, target: Tensor) -> dict[str, float]:

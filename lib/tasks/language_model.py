@@ -137,7 +137,7 @@ class LanguageModelTask(Task):
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.mems[True] = [m.to(device) for m in state.get("mems", [])] or None
 
-    def output_loss(self, output: Tensor, target: Tensor) -> Tensor:
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return output.float().mean()
 
     def train_stats(self, output: Tensor, target: Tensor) -> dict[str, float]:

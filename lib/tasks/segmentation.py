@@ -4,8 +4,8 @@ Training: logits at 1/4 resolution, upsampled inside the loss (weighted cross-en
 Validation during training: one whole-image forward per image. ``tools/seg_test.py`` (``full_test``):
 sliding windows of ``TEST.IMAGE_SIZE`` over the image resized to ``TEST.BASE_SIZE``, optionally several
 scales (``TEST.MULTI_SCALE``) and flipping (``TEST.FLIP_TEST``). Metrics: mIoU, per-class IoU, pixel accuracy
-from a confusion matrix summed over ranks. With ``LOSS.FPC`` the training loss is the fixed-point correction
-over the model's outputs, one per phantom iterate (``Task.loss``); the per-step pixel accuracy is the last one's.
+from a confusion matrix summed over ranks. With ``LOSS.FPC`` the training objective (``deqlab.objective``) takes
+the fixed-point correction of the losses of the model's outputs, one per phantom iterate.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deqlab.inference import ORIGINAL_TEST_SCALES, segment
-from deqlab.losses import build_seg_criterion, upsample_to
-from deqlab.metrics import confusion_matrix, segmentation_scores
+from deqlab.segmentation.inference import ORIGINAL_TEST_SCALES, segment
+from deqlab.segmentation.losses import build_seg_criterion, upsample_to
+from deqlab.segmentation.metrics import confusion_matrix, segmentation_scores
 from deqlab.solvers.common import SolveSummary
 from deqlab.tasks.base import Meter, Task
 
@@ -55,7 +55,7 @@ class SegmentationTask(Task):
         super().__init__(cfg, full_test)
         self.criterion: nn.Module = build_seg_criterion(cfg)
 
-    def output_loss(self, output: Tensor, target: Tensor) -> Tensor:
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
         self.criterion = self.criterion.to(output.device)
         return self.criterion(output.float(), target)
 

@@ -1,5 +1,6 @@
 """A WikiText-layout word-level corpus from Jane Austen's six novels (Debian's ``r-cran-janeaustenr``, or
-Project Gutenberg's ebooks where apt cannot fetch it: :mod:`deqlab.data.gutenberg`).
+Project Gutenberg's ebooks where apt cannot fetch it: ``gutenberg.py`` beside this file). A build tool of
+``tools/make_austen_corpus.py``, not part of the ``deqlab`` package.
 
 Source: the package's R lazy-load database ``janeaustenr/data/Rdata.{rdx,rdb}`` (one character vector per
 novel, one element per printed line), read with PyPI ``rdata``; the ``.deb`` comes from ``apt-get download
@@ -16,11 +17,8 @@ Layout (``tools/make_austen_corpus.py`` writes it; :func:`deqlab.data.lm.load_co
   Abbey's one-paragraph "Advertisement"), "THE END"/"FINIS" lines, ``* * *`` separators, bracketed
   edition notes (``[At this point in the first and second editions ...]``) and Northanger Abbey's
   closing editor's "A NOTE ON THE TEXT".
-- tokens (WikiText/Moses style): ``_italic_`` underscores removed; punctuation split off (``word , word .``;
-  every period, "Mr." too); an intra-word hyphen is ``@-@`` (``drawing @-@ room``), a run of two or more
-  hyphens is the dash token ``--``; digit groups ``1 @,@ 000`` / ``3 @.@ 5``; clitics split off as in the
-  Penn Treebank (``Anne 's``, ``do n't``, ``ca n't``, ``I 'll``); other inner apostrophes stay in the word
-  (``o'clock``, ``ma'am``); a leading or trailing apostrophe is a token of its own; ``&c`` is one token.
+- tokens: :func:`deqlab.data.lm.tokenize` (WikiText/Moses style; ``tools/lm_generate.py`` tokenises prompts
+  with it too).
 - closed vocabulary: a token seen fewer than ``min_count`` (default 3) times in train is ``<unk>`` in every
   split, as is any valid/test token not kept from train, so valid/test never hold an out-of-vocabulary token.
 """
@@ -44,11 +42,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-from deqlab.data import gutenberg
+from deqlab.data.lm import UNK, load_corpus, tokenize, unigram_perplexity
 from deqlab.errors import DatasetError
 from deqlab.utils.files import atomic_open
 
-__all__ = ["NOVELS", "SPLIT_NOVELS", "tokenize", "paragraphs", "novel_to_lines", "close_vocabulary", "format_line",
+from . import gutenberg
+
+__all__ = ["NOVELS", "SPLIT_NOVELS", "paragraphs", "novel_to_lines", "close_vocabulary", "format_line",
            "read_lazyload", "read_rdata_dir", "read_deb", "download_deb", "build_corpus", "load_novels"]
 
 NOVELS = {"emma": "Emma", "mansfieldpark": "Mansfield Park", "northangerabbey": "Northanger Abbey",
@@ -56,17 +56,12 @@ NOVELS = {"emma": "Emma", "mansfieldpark": "Mansfield Park", "northangerabbey": 
           "sensesensibility": "Sense and Sensibility"}
 SPLIT_NOVELS = {"train": ("emma", "mansfieldpark", "prideprejudice", "sensesensibility"),
                 "valid": ("northangerabbey",), "test": ("persuasion",)}
-UNK = "<unk>"
 PACKAGE = "r-cran-janeaustenr"
 RDATA_SUBDIR = "usr/lib/R/site-library/janeaustenr/data"
 INSTALL_HINT = (f"get the Debian package with `apt-get download {PACKAGE}` (e.g. on another machine) and pass "
                 f"--deb PATH, or pass --rdata-dir pointing at an extracted .../janeaustenr/data folder (Rdata.rdx, "
                 f"Rdata.rdb), or --gutenberg-url a folder or mirror holding Project Gutenberg's <n>/pg<n>.txt files")
 
-_TOKEN = re.compile(r"""(?P<dash>-{2,}) | (?P<num>\d+(?:[.,]\d+)+) | (?P<etc>&c\b)
-                      | (?P<word>[^\W_]+(?:'[^\W_]+)*) | (?P<other>\S)""", re.X)
-_NT = re.compile(r"^(.+?)(n't)$", re.I)
-_CLITIC = re.compile(r"^(.+?)('(?:s|m|d|ll|re|ve))$", re.I)
 _HEADING = re.compile(r"^(CHAPTER|Chapter|VOLUME|Volume)\s+([IVXLC]+|\d+)\.?$")
 _ROMAN = {"I": 1, "V": 5, "X": 10, "L": 50, "C": 100}
 
@@ -76,34 +71,6 @@ def _roman(numeral: str) -> int:
         return int(numeral)
     values = [_ROMAN[c] for c in numeral]
     return sum(-v if i + 1 < len(values) and v < values[i + 1] else v for i, v in enumerate(values))
-
-
-def _split_word(word: str) -> list[str]:
-    for pattern in (_NT, _CLITIC):
-        m = pattern.match(word)
-        if m:
-            return [m.group(1), m.group(2)]
-    return [word]
-
-
-def tokenize(text: str) -> list[str]:
-    """WikiText-style tokens of one paragraph (see the module docstring for the rules)."""
-    text = text.replace("_", "")
-    tokens: list[str] = []
-    for m in _TOKEN.finditer(text):
-        kind, tok = m.lastgroup, m.group()
-        if kind == "dash":
-            tokens.append("--")
-        elif kind == "num":
-            tokens += [{",": "@,@", ".": "@.@"}.get(p, p) for p in re.split(r"([.,])", tok)]
-        elif kind == "word":
-            tokens += _split_word(tok)
-        elif tok == "-" and 0 < m.start() and m.end() < len(text) and text[m.start() - 1].isalnum() \
-                and text[m.end()].isalnum():
-            tokens.append("@-@")
-        else:
-            tokens.append(tok)
-    return tokens
 
 
 def paragraphs(lines: list[str]) -> list[str]:
@@ -312,8 +279,6 @@ def build_corpus(novels: dict[str, list[str]], out_dir: str | Path, min_count: i
                  source: dict | None = None, log: Callable[[str], None] = print) -> dict:
     """Write ``out_dir/{train,valid,test}.txt`` (each atomically, train.txt last), ``stats.json`` and
     ``README.md``; refuses to overwrite an existing corpus unless ``force``. Returns the stats."""
-    from deqlab.data.lm import load_corpus, unigram_perplexity
-
     out_dir = Path(out_dir)
     existing = [str(out_dir / f"{s}.txt") for s in SPLIT_NOVELS if (out_dir / f"{s}.txt").exists()]
     if existing and not force:
@@ -354,8 +319,8 @@ def _readme(stats: dict) -> str:
                      f"{100 * v['unk_rate']:.2f}% | {v['unigram_ppl']} |" for s, v in stats["splits"].items())
     origin = "Project Gutenberg's ebooks" if "gutenberg" in stats["source"] else f"Debian's `{PACKAGE}`"
     return (f"# Jane Austen corpus (WikiText layout)\n\nBuilt by `tools/make_austen_corpus.py` from {origin} "
-            f"({json.dumps(stats['source'])}). Format and tokenisation: `deqlab/data/austen.py` "
-            f"(lib/data/austen.py). Words seen fewer than {stats['min_count']} times in train are `<unk>`; "
+            f"({json.dumps(stats['source'])}). Format: `tools/corpora/austen.py`, tokenisation: "
+            f"`deqlab.data.lm.tokenize`. Words seen fewer than {stats['min_count']} times in train are `<unk>`; "
             f"vocabulary {stats['vocab_size']:,} symbols with `<eos>` and `<unk>`.\n\n"
             "| split | novels | lines | tokens (with `<eos>`) | `<unk>` rate | unigram ppl (add-one) |\n"
             f"|---|---|---|---|---|---|\n{rows}\n")

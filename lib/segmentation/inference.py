@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from deqlab.data.vision import IMAGENET_MEAN, IMAGENET_STD
 from deqlab.deq import mean_spectral_radius
-from deqlab.losses import upsample_to
+from deqlab.segmentation.losses import upsample_to
 from deqlab.solvers.common import SolveSummary, mean_summary, solver_summary
 
 # The multi-scale list of HRNet-Semantic-Segmentation's Cityscapes evaluation (TEST.SCALE_LIST).

@@ -4,7 +4,7 @@ cannot be fetched (no apt-get, or it fails), the Austen corpus builder downloads
 Each ebook is ``BASE_URL/<n>/pg<n>.txt`` (UTF-8, possibly with a byte-order mark, CRLF line ends). Only the text
 between Gutenberg's ``*** START OF THE PROJECT GUTENBERG EBOOK ... ***`` and ``*** END OF ...`` lines is kept (the
 licence header and footer are not the novel's), minus a table of contents (chapter headings with no prose between
-them) and ``[Illustration]`` markers; :func:`deqlab.data.austen.novel_to_lines` then drops the front matter
+them) and ``[Illustration]`` markers; :func:`austen.novel_to_lines` then drops the front matter
 before the first chapter heading, as for the janeaustenr data. Gutenberg's editions differ from janeaustenr's
 in small details (e.g. their title pages and some punctuation), so the two sources give slightly different corpora;
 ``stats.json`` records which one was used.

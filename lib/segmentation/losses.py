@@ -1,13 +1,7 @@
-"""Losses: the fixed-point correction of DEQ training, and the segmentation losses of locuslab/mdeq.
-
-Fixed-point correction (Geng et al., NeurIPS 2021; torchdeq's ``fp_correction``): the task loss applied to a
-sequence of states converging to the fixed point, e.g. the phantom-gradient iterates z_1 .. z_n, combined
-with weights w_k that grow towards the last state (``fixed_point_correction``). A model returns the outputs
-of those states as a :class:`Trajectory`; the classification and segmentation tasks apply the correction.
-
-Segmentation (from HRNet): cross-entropy with an ignore label and class weights, and online hard example
-mining (OHEM). Both take logits ``(B, C, h, w)`` at any resolution and labels ``(B, H, W)`` (int64) and first
-upsample the logits bilinearly to ``(H, W)`` with ``align_corners=True``, as the original's criterion does.
+"""The segmentation losses of locuslab/mdeq (from HRNet): cross-entropy with an ignore label and class weights,
+and online hard example mining (OHEM). Both take logits ``(B, C, h, w)`` at any resolution and labels
+``(B, H, W)`` (int64) and first upsample the logits bilinearly to ``(H, W)`` with ``align_corners=True``, as the
+original's criterion does.
 """
 from __future__ import annotations
 
@@ -16,49 +10,6 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-FPC_WEIGHTS = ("const", "linear", "exp")
-
-
-def fpc_weights(n: int, weights: str = "exp", gamma: float = 0.8) -> list[float]:
-    """The weights w_0 .. w_{n-1} of :func:`fixed_point_correction` (k = n − 1 is the last state):
-
-    - ``exp``:    w_k = γ^(n − k − 1)                       (torchdeq's default; the last state weighs 1)
-    - ``linear``: w_k = 1 − (n − k − 1) / n · γ            (torchdeq's ``_linear`` with bias 0)
-    - ``const``:  w_k = 1
-
-    torchdeq's ``const`` returns a length-n tensor of ones per term (a vector loss, and it rejects the
-    ``gamma`` its caller passes); the intended weight 1 is what is used here.
-    """
-    if n < 1:
-        raise ValueError(f"fixed-point correction needs at least one loss, got {n}")
-    if weights == "exp":
-        return [gamma ** (n - k - 1) for k in range(n)]
-    if weights == "linear":
-        return [1.0 - (n - k - 1) / n * gamma for k in range(n)]
-    if weights == "const":
-        return [1.0] * n
-    raise ValueError(f"unknown fixed-point correction weights {weights!r}; expected one of {', '.join(FPC_WEIGHTS)}")
-
-
-def fixed_point_correction(losses: Sequence[Tensor], weights: str = "exp", gamma: float = 0.8) -> Tensor:
-    """Σ_k w_k · losses[k] for the losses of states ordered towards the fixed point (weights: :func:`fpc_weights`).
-
-    The same combination as torchdeq's ``fp_correction(crit, (outputs, target), weight_func=weights,
-    gamma=gamma)`` given ``losses[k] = crit(outputs[k], target)``; one loss gives that loss unchanged.
-    """
-    return sum(w * loss for w, loss in zip(fpc_weights(len(losses), weights, gamma), losses))
-
-
-class Trajectory(list):
-    """A model's outputs for a sequence of states (training with the fixed-point correction), last = the
-    model's output at the equilibrium. A task's ``loss`` applies the correction to all of them; code that
-    only wants the output reads ``[-1]``, and ``detach()`` gives the last output detached (what the engine's
-    per-step statistics take)."""
-
-    def detach(self) -> Tensor:
-        return self[-1].detach()
-
 
 # The original's Cityscapes class weights (trainId order: road, sidewalk, ..., bicycle).
 CITYSCAPES_CLASS_WEIGHTS: tuple[float, ...] = (
