@@ -2,7 +2,8 @@
 
 The library: the :class:`DEQ` layer (``get_deq`` builds one from arguments or a config), the fixed-point
 solvers and their registry, the Jacobian regulariser and spectral-radius diagnostic, and the layers whose state
-holds for a whole forward pass (normalised weights, variational dropout; call ``reset_per_forward`` first).
+holds for a whole forward pass (normalised weights, variational dropout; call ``reset_per_forward`` first), and
+the training objective that adds the DEQ terms to a task's loss (:class:`DEQObjective`).
 
 The names load on first use: ``import deqlab.config`` (the command-line tools' first step) must not import torch.
 """
@@ -28,6 +29,8 @@ _EXPORTS = {  # public name -> the module defining it
     "NormOptions": "deqlab.layers",
     "VariationalDropout2d": "deqlab.layers",
     "reset_per_forward": "deqlab.layers",
+    "DEQObjective": "deqlab.objective",
+    "fixed_point_correction": "deqlab.objective",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
