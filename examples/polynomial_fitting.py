@@ -147,9 +147,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    # One thread: tensors of 128 × 100 gain nothing from more, and spinning threads slow a busy machine down
-    # many times over. It also keeps the numbers the same whatever the core count.
-    torch.set_num_threads(1)
     window = max(1, args.steps // 10)
     results = {}
     for name, skip in MODELS.items():

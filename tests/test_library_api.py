@@ -13,7 +13,7 @@ from conftest import REPO, TINY_OVERRIDES
 B, D = 3, 6
 PUBLIC = {"DEQ", "get_deq", "SOLVERS", "get_solver", "register_solver", "jacobian_frobenius_loss", "spectral_radius",
           "WeightNormConv2d", "WeightNormConv1d", "WeightNormLinear", "SpectralNormConv2d", "NormOptions",
-          "VariationalDropout2d", "reset_per_forward", "__version__"}
+          "VariationalDropout2d", "reset_per_forward", "DEQObjective", "fixed_point_correction", "__version__"}
 LM_CFG = REPO / "experiments/austen/deq_transformer_quickstart.yaml"
 CLS_CFG = REPO / "experiments/fashion_mnist/cls_mdeq_quickstart.yaml"
 
@@ -38,11 +38,12 @@ def toy(seed: int = 0):
 
 
 def test_import_deqlab_exposes_the_public_names():
-    from deqlab import layers, regularizers, solvers
+    from deqlab import layers, objective, regularizers, solvers
 
     assert set(deqlab.__all__) == PUBLIC and set(dir(deqlab)) >= PUBLIC
     assert deqlab.DEQ is deqlab.deq.DEQ and deqlab.spectral_radius is regularizers.spectral_radius
     assert deqlab.SOLVERS is solvers.SOLVERS and deqlab.NormOptions is layers.NormOptions
+    assert deqlab.DEQObjective is objective.DEQObjective
     with pytest.raises(AttributeError, match="no attribute 'deq_layer'"):
         deqlab.deq_layer
 

@@ -6,8 +6,6 @@ import re
 import subprocess
 import sys
 
-import torch
-
 from conftest import REPO
 
 DOC = REPO / "docs" / "your_own_deq.md"
@@ -22,12 +20,8 @@ def test_your_own_deq_runs_in_order_and_trains():
     blocks = python_blocks(DOC.read_text())
     assert len(blocks) >= 6
     namespace: dict = {}
-    threads = torch.get_num_threads()
-    try:
-        for i, block in enumerate(blocks):  # the blocks assert their own claims (convergence, gradients, ...)
-            exec(compile(block, f"{DOC}:python block {i + 1}", "exec"), namespace)
-    finally:
-        torch.set_num_threads(threads)  # the page sets one thread; the rest of the session keeps its own
+    for i, block in enumerate(blocks):  # the blocks assert their own claims (convergence, gradients, ...)
+        exec(compile(block, f"{DOC}:python block {i + 1}", "exec"), namespace)
     losses = namespace["losses"]
     assert len(losses) == 30 and all(map(math.isfinite, losses)) and losses[-1] < 0.2 * losses[0]
     fwd, bwd = namespace["info"]["fwd"], namespace["info"]["bwd"]
