@@ -182,12 +182,27 @@ FLAGS_AFTER_PAIRS = {
     "sweep.py": ["--cfg", "experiments/cifar/cls_mdeq_TINY.yaml", "DEQ.F_EPS", "1e-6", "--f_thres", "2", "4",
                  "DEQ.F_THRES", "3", "--checkpoint", "c.pth", "--use_loss_as_perf", "--task", "cls"],
     "run_files.py": ["--cfg", "experiments/cifar/cls_mdeq_TINY.yaml", "final", "OUTPUT_DIR", "o", "--seed", "3"],
+    "lm_generate.py": ["--cfg", "experiments/austen/deq_transformer_quickstart.yaml", "TEST.MODEL_FILE", "m.pth",
+                       "--prompt", "It is a truth", "--tokens", "5", "--top_p", "0.9"],
 }
-NO_OVERRIDES = {"make_austen_corpus.py", "make_recordio.py", "plot_sweep.py"}  # plain argparse, no KEY VALUE
+# plot_run.py takes KEY VALUE pairs after --cfg but not the training flags (test_plot_run_flags_anywhere)
+NO_OVERRIDES = {"make_austen_corpus.py", "make_recordio.py", "plot_sweep.py", "make_cityscapes_lists.py"}
 
 
 def test_every_config_tool_is_covered():
-    assert {p.name for p in (REPO / "tools").glob("*.py")} == set(FLAGS_AFTER_PAIRS) | NO_OVERRIDES
+    assert {p.name for p in (REPO / "tools").glob("*.py")} == set(FLAGS_AFTER_PAIRS) | NO_OVERRIDES | {"plot_run.py"}
+
+
+def test_plot_run_flags_anywhere(monkeypatch, capsys):
+    """plot_run.py's own flags may come after the pairs, the pairs reach the config, and an unknown flag is named
+    (with --cfg or a TB_DIR)."""
+    cfg = ["--cfg", "experiments/fashion_mnist/cls_mdeq_quickstart.yaml"]
+    assert_one_line_error(run_in_process("plot_run.py", cfg + ["--out", "c.png", "PERCENT", "2"], monkeypatch,
+                                         capsys), "PERCENT must be", "got 2")
+    assert_one_line_error(run_in_process("plot_run.py", cfg + ["OUTPUT_DIR", "o", "--no_such_flag", "1"],
+                                         monkeypatch, capsys), "unknown flag --no_such_flag")
+    assert_one_line_error(run_in_process("plot_run.py", ["runs/tb", "--no_such_flag"], monkeypatch, capsys),
+                          "unknown flag --no_such_flag")
 
 
 def run_in_process(name, args, monkeypatch, capsys):

@@ -12,7 +12,6 @@ Example::
 
     python tools/plot_run.py --cfg experiments/fashion_mnist/cls_mdeq_quickstart.yaml
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,15 +19,10 @@ from deqlab.utils.tool_help import help_format
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(**help_format(__doc__))
-    parser.add_argument("tb_dir", nargs="?", type=Path, help="the run's tensorboard folder (or use --cfg)")
-    parser.add_argument("--cfg", default="", help="the run's experiment YAML, instead of TB_DIR")
-    parser.add_argument("--out", type=Path, default=None, help="image file (default: curves.png, see above)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="with --cfg: config overrides KEY VALUE ...")
-    args = parser.parse_args()
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, never a display
+        from deqlab.compat import FlagParser, split_rest
         from deqlab.config import config_name, load_config
         from deqlab.engine.run_files import run_dir, run_files
         from deqlab.errors import DeqlabError
@@ -36,14 +30,22 @@ def main() -> None:
     except ImportError as err:
         print(f"error: {err}; pip install -e '.[plot]'", file=sys.stderr)
         sys.exit(2)
+    parser = FlagParser(**help_format(__doc__))
+    parser.add_argument("--cfg", default="", help="the run's experiment YAML, instead of TB_DIR")
+    parser.add_argument("--out", type=Path, default=None, help="image file (default: curves.png, see above)")
+    parser.epilog = "positional: TB_DIR (the run's tensorboard folder), or with --cfg: KEY VALUE ...\n" + parser.epilog
     try:
+        # the words no flag took: TB_DIR, or the config's KEY VALUE pairs (flags may come anywhere among them)
+        args, words = parser.parse_known_args()
         if args.cfg:
-            cfg = load_config(args.cfg, ([str(args.tb_dir)] if args.tb_dir else []) + args.opts)
+            cfg = load_config(args.cfg, split_rest(words, parser.prog))
             tb_dir, out, title = run_files(cfg, args.cfg).tb_dir, run_dir(cfg, args.cfg) / "curves.png", \
                 f"{cfg.DATASET.DATASET} / {config_name(args.cfg)}"
-        elif args.tb_dir is not None and not args.opts:
-            tb_dir, out, title = args.tb_dir, args.tb_dir / "curves.png", str(args.tb_dir)
+        elif len(words) == 1 and not words[0].startswith("--"):
+            tb_dir = Path(words[0])
+            out, title = tb_dir / "curves.png", str(tb_dir)
         else:
+            split_rest([word for word in words if word.startswith("--")], parser.prog)  # names an unknown flag
             parser.error("give the run's tensorboard folder, or --cfg FILE [KEY VALUE ...]")
         fig = plot_run(read_run(tb_dir), title)
         out = args.out or out
