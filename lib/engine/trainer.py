@@ -115,7 +115,9 @@ class Trainer:
         dump_config(self.cfg, self.files.config)
         attach_log_file(self.files.log)
         from tensorboardX import SummaryWriter
-        self.writer = SummaryWriter(str(self.tb_dir))
+        # tensorboardX names its file by the second and the host only: a resumed run started within the same
+        # second would truncate the first run's events, so the suffix names the process and the starting step.
+        self.writer = SummaryWriter(str(self.tb_dir), filename_suffix=f".{os.getpid()}.step{self.first_step}")
 
     def kept_files(self) -> str:
         """Where a run that stops on a non-finite step left its last finite state (the stop message)."""
