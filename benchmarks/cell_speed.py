@@ -53,7 +53,8 @@ def build(task: str, overrides: list[str]):
     from deqlab.models import MODELS, build_model
     from deqlab.utils.cpu_allocator import configure_cpu_allocator
 
-    common = ["MODEL.DROPOUT", "0.0", "TRAIN.PRETRAIN_STEPS", "0", *overrides]
+    # NCHW unless the variant says NHWC (MODEL.CHANNELS_LAST's default, "auto", would take NHWC on the CPU)
+    common = ["MODEL.DROPOUT", "0.0", "TRAIN.PRETRAIN_STEPS", "0", "MODEL.CHANNELS_LAST", "False", *overrides]
     torch.manual_seed(0)
     if task == "lm":
         cfg = load_config(REPO / "experiments/wikitext103/deq_transformer.yaml", [

@@ -50,7 +50,8 @@ CONFIG = "experiments/cifar/cls_mdeq_TINY.yaml"
 # precision, reported beside it), and the f/VJP floor (plain fixed-point iteration both ways: only the cell's
 # evaluations and VJPs, no solver work). ``original_retain`` is the original with our allocator setting.
 VARIANTS = {
-    "ours": [],
+    "ours": [],  # MODEL.CHANNELS_LAST auto: NHWC on the CPU, NCHW on CUDA
+    "ours_nchw": ["MODEL.CHANNELS_LAST", "False"],
     "ours_system_malloc": ["CPU_ALLOCATOR", "system"],
     "ours_compile": ["MODEL.COMPILE", "True"],
     "ours_nhwc": ["MODEL.CHANNELS_LAST", "True"],
@@ -65,6 +66,7 @@ SHORT = {"original": "orig", "original_retain": "kept", "locuslab_deq": "deq", "
 PHANTOM_CONFIG = "experiments/cifar/cls_mdeq_small_phantom.yaml"
 PHANTOM_VARIANTS = {
     "ours_phantom": [],
+    "ours_phantom_nchw": ["MODEL.CHANNELS_LAST", "False"],
     "ours_phantom_nhwc": ["MODEL.CHANNELS_LAST", "True"],
     "ours_phantom_nhwc_compile": ["MODEL.CHANNELS_LAST", "True", "MODEL.COMPILE", "True"],
 }

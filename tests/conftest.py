@@ -14,6 +14,8 @@ COMPAT = Path(os.environ.get("DEQLAB_COMPAT_DIR", REPO.parent / "shared" / "comp
 # Outside CI a checkout without them skips the tests that need them; under CI=true those tests run and fail.
 needs_compat = pytest.mark.skipif(not COMPAT.is_dir() and os.environ.get("CI") != "true",
                                   reason=f"compat fixtures not found at {COMPAT} (set DEQLAB_COMPAT_DIR)")
+# The MDEQ's two memory layouts (MODEL.CHANNELS_LAST; "auto" picks NHWC on the CPU): the fixtures hold in both.
+LAYOUTS = {"nchw": ["MODEL.CHANNELS_LAST", "False"], "nhwc": ["MODEL.CHANNELS_LAST", "True"]}
 
 
 def import_tool(name: str):

@@ -55,7 +55,7 @@ def tiny(*overrides):
 
 
 def test_a_channels_last_mdeq_equals_the_nchw_one_forward_and_backward(tmp_path):
-    plain, _ = tiny()
+    plain, _ = tiny("MODEL.CHANNELS_LAST", "False")
     fast, _ = tiny("MODEL.CHANNELS_LAST", "True")
     convs = [p for n, p in fast.named_parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1]
     assert convs and all(p.is_contiguous(memory_format=NHWC) for p in convs)
@@ -81,6 +81,17 @@ def test_a_channels_last_mdeq_equals_the_nchw_one_forward_and_backward(tmp_path)
     with torch.no_grad():
         assert torch.allclose(plain(x)[0], fast(x)[0], atol=1e-6)
     assert all(p.is_contiguous(memory_format=NHWC) for p in convs)  # loading keeps a model's own layout
+
+
+def test_channels_last_auto_is_nhwc_on_the_cpu_only():
+    auto, cfg = tiny()
+    assert cfg.MODEL.CHANNELS_LAST == "auto" and auto.channels_last  # DEVICE auto resolves to the CPU here
+    assert tiny("DEVICE", "cpu")[0].channels_last
+    # a CUDA run keeps NCHW (the model is built on the CPU, then moved): the choice follows DEVICE, not CUDA's presence
+    assert not tiny("DEVICE", "cuda")[0].channels_last
+    assert not tiny("DEVICE", "cpu", "MODEL.CHANNELS_LAST", "False")[0].channels_last
+    with pytest.raises(ConfigError, match="MODEL.CHANNELS_LAST must be one of auto, True, False, got 'yes'"):
+        tiny("MODEL.CHANNELS_LAST", "yes")
 
 
 def test_cpu_mixed_precision_runs_the_cell_in_bfloat16_and_trains(tiny_run):

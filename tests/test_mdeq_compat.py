@@ -9,7 +9,7 @@ from deqlab.checkpoint import load_weights
 from deqlab.config import get_defaults, load_config
 from deqlab.models import build_model
 
-from conftest import COMPAT, REPO, needs_compat
+from conftest import COMPAT, LAYOUTS, REPO, needs_compat
 
 pytestmark = needs_compat
 ALIASES = ("fullstage_copy.", "deq.func.", "deq.func_copy.")
@@ -71,10 +71,11 @@ CASES = {
 SOLVE = ["DEQ.F_SOLVER", "broyden", "DEQ.F_THRES", 120, "DEQ.F_EPS", 2e-6, "DEQ.STOP_MODE", "rel"]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES)
-def test_solver_free_outputs_match_the_original(case):
+def test_solver_free_outputs_match_the_original(case, layout):
     cfg_path, weights, reference = CASES[case]
-    model, ref = load_reference(cfg_path, [], weights, reference)
+    model, ref = load_reference(cfg_path, LAYOUTS[layout], weights, reference)
     x = ref["input"]
     with torch.no_grad():
         injection, z0 = model.cell_inputs(x)
@@ -92,10 +93,11 @@ def test_solver_free_outputs_match_the_original(case):
         assert (got - want).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES)
-def test_equilibrium_logits_match_the_original_float64_solve(case):
+def test_equilibrium_logits_match_the_original_float64_solve(case, layout):
     cfg_path, weights, reference = CASES[case]
-    model, ref = load_reference(cfg_path, SOLVE, weights, reference)
+    model, ref = load_reference(cfg_path, SOLVE + LAYOUTS[layout], weights, reference)
     with torch.no_grad():
         logits, info = model(ref["input"])
     assert info["fwd"]["rel_lowest"].max() < 2e-5

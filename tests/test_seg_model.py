@@ -13,7 +13,7 @@ from deqlab.models import build_model
 from deqlab.models.mdeq_cls import MDEQClassifier
 from deqlab.models.mdeq_seg import MDEQSegNet
 
-from conftest import COMPAT, REPO, needs_compat
+from conftest import COMPAT, LAYOUTS, REPO, needs_compat
 from test_mdeq_compat import SETTING_KEYS, manifest_keys, model_keys
 
 MINI4 = COMPAT / "configs/v1_seg_mdeq_MINI4.yaml"
@@ -51,8 +51,9 @@ def max_diff(got, want) -> float:
 # --- outputs of the original code (MINI4: four branches, stage0, 19 classes) ----------------------------------
 
 @needs_compat
-def test_solver_free_outputs_match_the_original():
-    model, ref = mini4()
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_solver_free_outputs_match_the_original(layout):
+    model, ref = mini4(LAYOUTS[layout])
     x = ref["input"]
     with torch.no_grad():
         injection, z = model.cell_inputs(x)
@@ -74,8 +75,10 @@ def test_solver_free_outputs_match_the_original():
 
 
 @needs_compat
-def test_equilibrium_logits_match_the_original_float64_solve_in_float32():
-    model, ref = mini4(["DEQ.F_SOLVER", "broyden", "DEQ.F_THRES", "120", "DEQ.F_EPS", "2e-6", "DEQ.STOP_MODE", "rel"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_equilibrium_logits_match_the_original_float64_solve_in_float32(layout):
+    model, ref = mini4(["DEQ.F_SOLVER", "broyden", "DEQ.F_THRES", "120", "DEQ.F_EPS", "2e-6", "DEQ.STOP_MODE", "rel",
+                        *LAYOUTS[layout]])
     with torch.no_grad():
         logits, info = model(ref["input"])
     assert info["fwd"]["rel_lowest"].max() < 2e-5

@@ -90,7 +90,8 @@ def test_lm_estimate_is_power_iteration_on_the_explicit_jacobian(tmp_path):
 
 
 def test_mdeq_classifier_estimate_is_power_iteration_on_the_explicit_jacobian(tmp_path):
-    task, model = cls_model(in_tmp([], tmp_path))
+    # NCHW: the probe draws the same start vector in the flat state's order, which follows the memory layout
+    task, model = cls_model(in_tmp(["MODEL.CHANNELS_LAST", "False"], tmp_path))
     model = model.double().eval()
     probe = DEQProbe(model.deq)
     x = torch.randn(2, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))  # 768 states

@@ -58,6 +58,10 @@ def _decode(text: str) -> Any:
 
 def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
     """``value`` converted to the type of ``default``, or a ConfigError saying what was expected."""
+    if default == "auto":  # an "auto" switch may also be set on or off; its rule says whether it can be
+        decoded = _decode(value) if isinstance(value, str) else value
+        if isinstance(decoded, bool):
+            return decoded
     if isinstance(value, str) and not isinstance(default, str):
         value = _decode(value)  # "(0,1)" -> (0, 1), "1e-3" -> 0.001, "True" -> True
     if isinstance(default, bool):

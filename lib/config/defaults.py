@@ -86,9 +86,10 @@ _C.MODEL.BLOCK_GN_AFFINE = True
 _C.MODEL.FUSE_GN_AFFINE = True
 _C.MODEL.POST_GN_AFFINE = True
 _C.MODEL.IMAGE_SIZE = [224, 224]  # width, height of the network input
-_C.MODEL.CHANNELS_LAST = False # ours, MDEQ: keep weights and activations channels-last (NHWC); the solver's flat
-                               # state follows that memory order. Same results; faster oneDNN convs on CPU
-                               # (benchmarks/README.md)
+_C.MODEL.CHANNELS_LAST = "auto"  # ours, MDEQ: True keeps weights and activations channels-last (NHWC; the
+                               # solver's flat state follows that memory order), False NCHW; "auto" = NHWC where
+                               # DEVICE resolves to the CPU (oneDNN's convs are faster there), NCHW on CUDA. Same
+                               # results to float32 round-off (benchmarks/README.md)
 _C.MODEL.COMPILE = False       # ours: torch.compile the DEQ cell for the forward solver's no-grad iterations (the
                                # application with a graph and its VJPs stay eager); each new input shape compiles
                                # once, seconds on a CPU (benchmarks/README.md)
@@ -120,7 +121,7 @@ allow("MODEL", NAME=ANY,  # deqlab.models.build_model checks it against the task
                       otherwise=choice("auto", "none")),
       NORM_LAYERS=list_of(choice("blocks", "fuse", "post_fuse")), NORM_TARGET_NORM=number(lo=0, lo_open=True),
       NORM_CLIP_VALUE=number(lo=0, lo_open=True), SN_N_POWER_ITERS=integer(lo=1),
-      WEIGHTS_FORMAT=choice("auto", "deqlab", "zoo"))
+      WEIGHTS_FORMAT=choice("auto", "deqlab", "zoo"), CHANNELS_LAST=choice("auto", True, False))
 allow("MODEL.EXTRA", FINAL_CONV_KERNEL=choice(1, 3))
 allow("MODEL.EXTRA.FULL_STAGE", NUM_MODULES=unused(choice(1)), NUM_BRANCHES=integer(lo=1),
       BLOCK=unused(choice("BASIC")), BIG_KERNELS=unused(list_of(choice(0))),

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from deqlab.errors import ConfigError
 from deqlab.factory import get_deq
+from deqlab.utils.dist import pick_device
 from deqlab.layers import (CellRunner, NormalisedWeightMixin, NormOptions, VariationalDropout2d, conv3x3, norm_conv2d,
                            reset_per_forward)
 
@@ -272,7 +273,9 @@ class MDEQBackbone(nn.Module):
         self.fullstage = MDEQModule(self.num_channels, list(stage.NUM_BLOCKS), m.EXPANSION_FACTOR, m.NUM_GROUPS,
                                     m.DROPOUT, CellNorm.from_config(m), m.BLOCK_GN_AFFINE, m.FUSE_GN_AFFINE,
                                     m.POST_GN_AFFINE)
-        self.channels_last = m.CHANNELS_LAST
+        # "auto": NHWC where the run is on the CPU, where oneDNN's convolutions are faster in that layout
+        self.channels_last = (pick_device(cfg.DEVICE).type == "cpu" if m.CHANNELS_LAST == "auto"
+                              else m.CHANNELS_LAST)
         self.cell = CellRunner(self.fullstage, m.COMPILE)
         self.skip = m.SKIP
         self.skip_predictor = SkipPredictor(width, self.num_channels, m.SKIP_CHANNELS or width,
