@@ -13,7 +13,7 @@ setup(
     install_requires=open("requirements.txt").read().split(),
     extras_require={
         # torchdeq: tests/test_budgets.py checks deqlab's fixed-point budget against torchdeq's own solver
-        "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.7", "torchdeq==0.1.0"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "pytest-xdist>=3", "matplotlib>=3.7", "torchdeq==0.1.0"],
         "bench": ["torchdeq==0.1.0", "termcolor"],  # termcolor: imported by the original MDEQ code (compare_original.py)
         "plot": ["matplotlib>=3.7"],
         "lm": ["rdata>=1.0"],

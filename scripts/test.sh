@@ -11,4 +11,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null &
   (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null \
     || echo "warning: could not install dataset-fashion-mnist; the test that reads it will be skipped" >&2
 fi
-python -m pytest "$@"
+# Two workers by default (DEQLAB_TEST_WORKERS=0 runs in one process); modules with a module-scoped fixture are
+# kept on one worker each (xdist_group). One OpenMP thread per worker: two workers on two cores would otherwise
+# oversubscribe them, and torch's batched linalg.solve is fine with it (unlike torch.set_num_threads here).
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" python -m pytest -n "${DEQLAB_TEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -7,6 +7,8 @@ import yaml
 
 from conftest import REPO
 
+pytestmark = pytest.mark.xdist_group("citation")  # its module-scoped fixture is built once per worker group
+
 CFF = REPO / "CITATION.cff"
 # arXiv ids of the methods the code implements: DEQ, MDEQ, Jacobian regularisation, phantom gradient, Skip DEQ,
 # "test like you train"

@@ -19,7 +19,7 @@ from deqlab.models import build_model
 sys.path.insert(0, str(REPO / "tools"))
 from make_recordio import make_recordio  # noqa: E402
 
-pytestmark = [needs_debian_fashion, pytest.mark.timeout(300)]
+pytestmark = [needs_debian_fashion, pytest.mark.timeout(300), pytest.mark.xdist_group("data_faults")]
 CLS_CFG = REPO / "experiments/imagenet/cls_mdeq_SMALL.yaml"
 SEG_CFG = REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml"
 # DALI's image decoders (nvImageCodec, libjpeg-turbo) print their own diagnostics on stderr from C++ threads,

@@ -10,7 +10,7 @@ from deqlab.errors import ConfigError
 from deqlab.layers import reset_per_forward
 from deqlab.models import DEQTransformerLM
 
-pytestmark = [needs_compat, pytest.mark.timeout(300)]
+pytestmark = [needs_compat, pytest.mark.timeout(300), pytest.mark.xdist_group("deq_transformer")]
 FIX = COMPAT / "deq_transformer"
 
 

@@ -26,7 +26,7 @@ from conftest import COMPAT, REPO, SEG_TINY_OVERRIDES, TINY_OVERRIDES, in_tmp, n
     write_seg_tree
 from test_lm_engine import CFG as LM_CFG, LM_TINY
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("faults")]
 CLS_CFG = REPO / "experiments/fashion_mnist/cls_mdeq_quickstart.yaml"
 SEG_CFG = REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml"
 # From the second epoch on the learning rate is 1e30 times the first epoch's: epoch 1 checkpoints, epoch 2 diverges.

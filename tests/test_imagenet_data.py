@@ -23,7 +23,7 @@ from nvidia.dali.pipeline import Pipeline  # noqa: E402
 sys.path.insert(0, str(REPO / "tools"))
 from make_recordio import make_recordio  # noqa: E402
 
-pytestmark = [needs_debian_fashion, pytest.mark.timeout(300)]
+pytestmark = [needs_debian_fashion, pytest.mark.timeout(300), pytest.mark.xdist_group("imagenet_data")]
 CFG = REPO / "experiments/imagenet/cls_mdeq_SMALL.yaml"
 ONE_GREY_LEVEL = 1 / 255 / min(IMAGENET_STD)  # the largest normalised difference of a ±1 pixel
 

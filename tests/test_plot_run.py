@@ -13,7 +13,7 @@ from conftest import COMPAT, REPO, in_tmp, needs_compat
 from deqlab.errors import DatasetError
 from deqlab.utils.run_plot import PANELS, plot_run, read_run
 
-pytestmark = [needs_compat, pytest.mark.timeout(400)]
+pytestmark = [needs_compat, pytest.mark.timeout(400), pytest.mark.xdist_group("plot_run")]
 RUN = "austen/deq_transformer_quickstart"
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import REPO, import_tool, write_fashion_mnist
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.xdist_group("readme")]
 RUNNER = Path(__file__).with_name("readme_runner.py")
 
 # The first line of a block (a prefix of it) -> why the block does not run in this test.

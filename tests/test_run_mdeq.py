@@ -12,7 +12,7 @@ from deqlab.engine.evaluator import eval_f_thres
 from test_compat import ZOO_IMAGENET
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed: pip install -e '.[dali]' (scripts/test.sh does)")
-pytestmark = [needs_debian_fashion, pytest.mark.timeout(300)]
+pytestmark = [needs_debian_fashion, pytest.mark.timeout(300), pytest.mark.xdist_group("run_mdeq")]
 MINI4 = ["--cfg", str(COMPAT / "configs/v1_cls_mdeq_MINI4.yaml"), "--resume", str(COMPAT / "cls_mini4_conditioned.pkl")]
 
 
