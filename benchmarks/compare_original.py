@@ -3,7 +3,7 @@
     git clone https://github.com/locuslab/mdeq /path/to/mdeq && pip install termcolor   # the original, as shipped
     git clone https://github.com/locuslab/deq /path/to/deq                # optional: its MDEQ-Vision
     git clone https://github.com/locuslab/torchdeq /path/to/torchdeq && pip install torchdeq==0.1.0   # optional
-    python benchmarks/compare_original.py --mdeq /path/to/mdeq [--deq /path/to/deq] [--zoo /path/to/torchdeq]
+    python benchmarks/compare_original.py [--mdeq /path/to/mdeq] [--deq /path/to/deq] [--zoo /path/to/torchdeq]
                                           [--f-thres 10 22 30] [--batch 32] [--steps 3] [--variants ...]
                                           [--device cpu|cuda]
                                           [--out benchmarks/results/compare_original.json]
@@ -242,7 +242,8 @@ def compare(args: argparse.Namespace, variants: list[str], baselines: list[str])
 def main() -> None:
     global DEVICE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mdeq", required=True, help="a checkout of github.com/locuslab/mdeq")
+    parser.add_argument("--mdeq", default="", help="a checkout of github.com/locuslab/mdeq (without it: our "
+                        "variants only, no ratios)")
     parser.add_argument("--deq", default="", help="optional: a checkout of github.com/locuslab/deq, whose "
                         "MDEQ-Vision is then timed too (variant locuslab_deq, a third baseline)")
     parser.add_argument("--zoo", default="", help="optional: a checkout of github.com/locuslab/torchdeq: its "
@@ -275,7 +276,7 @@ def main() -> None:
         if getattr(args, flag) and not (Path(getattr(args, flag)) / marker).is_file():
             sys.exit(f"error: --{flag} {getattr(args, flag)} is not the expected checkout (no {marker})")
     # Baselines: the original as shipped, the original with our allocator setting, locuslab/deq's MDEQ-Vision.
-    baselines = [*ORIGINALS, *(["locuslab_deq"] if args.deq else [])]
+    baselines = [*(ORIGINALS if args.mdeq else ()), *(["locuslab_deq"] if args.deq else [])]
     rows = compare(args, [*baselines, *args.variants], baselines)
     phantom = []
     if args.zoo:

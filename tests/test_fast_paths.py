@@ -1,5 +1,7 @@
 """The speed switches change no result: channels-last states and weights (MODEL.CHANNELS_LAST) and their
-flattening, and mixed precision on the CPU (AMP.ENABLED, bfloat16)."""
+flattening, and mixed precision on the CPU (AMP.ENABLED, bfloat16 and float16)."""
+import math
+
 import pytest
 import torch
 
@@ -7,7 +9,6 @@ from deqlab.checkpoint import load_weights, save_checkpoint
 from deqlab.config import load_config
 from deqlab.deq import DEQ, is_channels_last, pack, unpack
 from deqlab.engine import Trainer
-from deqlab.errors import ConfigError
 from deqlab.models import build_model
 
 from conftest import REPO, TINY_OVERRIDES
@@ -113,12 +114,23 @@ def test_cpu_mixed_precision_runs_the_cell_in_bfloat16_and_trains(tiny_run):
     assert losses["True"][-1] == pytest.approx(losses["False"][-1], rel=0.15)
 
 
-def test_float16_on_the_cpu_is_refused_before_anything_is_written(tiny_run):
-    path, overrides, tmp = tiny_run
-    cfg = load_config(path, overrides + ["AMP.ENABLED", "True", "AMP.DTYPE", "float16"])
-    with pytest.raises(ConfigError, match="AMP.DTYPE float16 needs CUDA .*; on the CPU use bfloat16"):
-        Trainer(cfg, path)
-    assert not (tmp / "out").exists()
+def test_float16_on_the_cpu_trains_with_the_cpu_gradient_scaler(tiny_run):
+    """float16 autocast and GradScaler("cpu") exist on the CPU (torch >= 2.3), so AMP.DTYPE float16 is not refused
+    there: the cell runs in float16, the scaler is on, and the first steps overflow at its initial scale of 2^16
+    and are skipped by the scaler, as on CUDA, until the scale fits."""
+    path, overrides, _ = tiny_run
+    cfg = load_config(path, overrides + ["AMP.ENABLED", "True", "AMP.DTYPE", "float16", "TRAIN.PRETRAIN_STEPS", "0",
+                                         "DEQ.GRAD", "ift", "TRAIN.LR", "0.01", "TRAIN.LR_SCHEDULER", "constant"])
+    trainer = Trainer(cfg, path)
+    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() == 2.0 ** 16
+    dtypes = set()
+    conv = trainer.model.fullstage.branches[0].blocks[0].conv1
+    conv.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+    x, y = next(iter(trainer.train_loader))
+    losses = [trainer.train_step(x, y)["loss"] for _ in range(12)]
+    assert dtypes == {torch.float16} and all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert trainer.scaler.get_scale() < 2.0 ** 16  # it backed off after overflows ...
+    assert all(map(math.isfinite, losses)) and losses[-1] < 0.8 * losses[0]  # ... and the steps that fit trained
 
 
 def test_a_compiled_cell_gives_the_eager_results_and_trains_alike(tmp_path):

@@ -49,10 +49,10 @@ _C.CUDNN.BENCHMARK = True
 _C.CUDNN.DETERMINISTIC = False
 _C.CUDNN.ENABLED = True
 
-_C.AMP = CN()                  # ours: mixed precision (CUDA; bfloat16 on the CPU); the fixed-point solver always
-                               # runs in fp32
+_C.AMP = CN()                  # ours: mixed precision (CUDA or CPU); the fixed-point solver always runs in fp32
 _C.AMP.ENABLED = False
-_C.AMP.DTYPE = "bfloat16"      # "bfloat16" (no scaler) or "float16" (with GradScaler)
+_C.AMP.DTYPE = "bfloat16"      # "bfloat16" (no scaler) or "float16" (with GradScaler; slow on CPUs without
+                               # AVX512-FP16/AMX-FP16)
 allow("AMP", DTYPE=choice("bfloat16", "float16"))
 
 _C.MODEL = CN()

@@ -11,11 +11,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from deqlab.errors import ConfigError
 from deqlab.solvers.common import solver_summary
 from deqlab.utils.dist import all_reduce_sum, is_main_process, to_device
 
-__all__ = ["autocast_context", "eval_f_thres", "evaluate", "solver_summary"]
+__all__ = ["autocast_context", "eval_f_thres", "evaluate", "grad_scaler", "solver_summary"]
 log = logging.getLogger("deqlab")
 
 
@@ -25,13 +24,18 @@ def eval_f_thres(cfg: Any) -> int:
 
 
 def autocast_context(cfg: Any, device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision when ``AMP.ENABLED``: ``AMP.DTYPE`` on CUDA, bfloat16 on the CPU (oneDNN runs bf16
-    convolutions and matmuls on CPUs with AVX512-BF16/AMX); the DEQ keeps its solver state in fp32 regardless."""
+    """Mixed precision in ``AMP.DTYPE`` when ``AMP.ENABLED``, on CUDA and on the CPU (oneDNN runs bf16
+    convolutions and matmuls fast on CPUs with AVX512-BF16/AMX; float16 runs there too, but slowly without
+    AVX512-FP16/AMX-FP16); the DEQ keeps its solver state in fp32 regardless."""
     if not cfg.AMP.ENABLED:
         return contextlib.nullcontext()
-    if device.type == "cpu" and cfg.AMP.DTYPE != "bfloat16":
-        raise ConfigError(f"AMP.DTYPE {cfg.AMP.DTYPE} needs CUDA (its gradient scaler); on the CPU use bfloat16")
     return torch.autocast(device.type, dtype=getattr(torch, cfg.AMP.DTYPE))
+
+
+def grad_scaler(cfg: Any, device: torch.device) -> torch.amp.GradScaler:
+    """The loss scaler of float16 AMP (disabled otherwise: bfloat16 has float32's range). torch has one for the
+    CPU as well as for CUDA, so float16 is not CUDA-only."""
+    return torch.amp.GradScaler(device.type, enabled=bool(cfg.AMP.ENABLED) and cfg.AMP.DTYPE == "float16")
 
 
 @torch.no_grad()

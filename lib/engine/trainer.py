@@ -26,7 +26,7 @@ from deqlab.checkpoint import describe_nonfinite, load_checkpoint, load_weights,
 from deqlab.config import dump_config
 from deqlab.data import set_epoch
 from deqlab.engine.divergence import DivergenceGuard, StepCheck, nonfinite_metrics
-from deqlab.engine.evaluator import autocast_context, eval_f_thres, evaluate, solver_summary
+from deqlab.engine.evaluator import autocast_context, eval_f_thres, evaluate, grad_scaler, solver_summary
 from deqlab.engine.logs import attach_log_file
 from deqlab.engine.optim import build_objective, build_optimizer, build_scheduler, observe_validation
 from deqlab.engine.precise_bn import log_gap, recompute_bn_stats
@@ -59,7 +59,6 @@ class Trainer:
         self.dist = dist_info or init_distributed(cfg.DEVICE, cfg.CPU_ALLOCATOR)
         self.device = self.dist.device
         self.files = run_files(cfg, cfg_path, keyed_by_seed)
-        autocast_context(cfg, self.device)  # an AMP setting this device cannot run fails before anything is built
         self.out_dir, self.tb_dir = self.files.out_dir, self.files.tb_dir
         torch.backends.cudnn.benchmark = cfg.CUDNN.BENCHMARK
         torch.backends.cudnn.deterministic = cfg.CUDNN.DETERMINISTIC
@@ -88,8 +87,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.train_loader))
         self.objective = build_objective(cfg)
-        fp16 = cfg.AMP.ENABLED and cfg.AMP.DTYPE == "float16" and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.scaler = grad_scaler(cfg, self.device)
         self.epoch, self.step, self.best = cfg.TRAIN.BEGIN_EPOCH, 0, None
         self.batch_in_epoch = 0  # batches of the current epoch already trained (a mid-epoch checkpoint's position)
         self.pending_rng: dict[str, Any] | None = None
