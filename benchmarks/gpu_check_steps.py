@@ -170,7 +170,9 @@ def amp_checks(device: torch.device, tasks: tuple[str, ...] = tuple(CONFIGS)) ->
     return rows
 
 
-# The speed switches against the default; the DEQ-Transformer has no convolutions, so no channels-last.
+# The speed switches against NCHW eager (MODEL.CHANNELS_LAST's default, "auto", is NHWC on the CPU, so the
+# baseline names its layout); the DEQ-Transformer has no convolutions, so no channels-last.
+NCHW = ["MODEL.CHANNELS_LAST", "False"]
 SWITCHES = {"channels_last": (("cls", "seg"), ["MODEL.CHANNELS_LAST", "True"]),
             "compile": (("cls", "seg", "lm"), ["MODEL.COMPILE", "True"])}
 
@@ -181,7 +183,7 @@ CPU_BUDGET_SKIPS = {"compile/cls", "compile/seg"}
 
 
 def switch_checks(device: torch.device, full: bool = False) -> list[dict]:
-    """Outputs and gradients of a train-mode step with each speed switch equal the default's to round-off."""
+    """Outputs and gradients of a train-mode step with each speed switch equal NCHW eager's to round-off."""
     rows = []
     for switch, (tasks, overrides) in SWITCHES.items():
         for task in tasks:
@@ -190,7 +192,7 @@ def switch_checks(device: torch.device, full: bool = False) -> list[dict]:
                 rows.append(row(name, device.type, "n/a", reason="CPU budget: a cold compile takes 15-30 s; "
                                 "tests/test_fast_paths.py covers it on the CPU, --full runs it here"))
                 continue
-            default, fast = build(task, device), build(task, device, *overrides)
+            default, fast = build(task, device, *NCHW), build(task, device, *NCHW, *overrides)
             fast.model.load_state_dict(default.model.state_dict())
             out0, g0 = fp32_grads(default, default.model)
             out1, g1 = fp32_grads(fast, fast.model)
