@@ -8,8 +8,8 @@ Checks, each a row (pass / fail / n/a with its reason, the measured value, the t
 - ``amp/TASK/MODE/DTYPE``: a training step of the cls, seg and lm quickstart models for DEQ.GRAD ift, phantom and
   unrolled under deqlab's AMP (float16 with its GradScaler, bfloat16): finite loss, gradient within a few rounding
   floors of the fp32 gradient at the same weights (after 5 fp32 warm-up steps); ``gpu_check_steps.py`` says why.
-- ``channels_last/TASK``, ``compile/TASK``: MODEL.CHANNELS_LAST True / MODEL.COMPILE True against NCHW eager, same outputs
-  and gradients to float32 round-off.
+- ``channels_last/TASK``, ``compile/TASK``: MODEL.CHANNELS_LAST True / MODEL.COMPILE True against NCHW eager,
+  same outputs and gradients to float32 round-off.
 - ``syncbn/seg``: a seg step with SyncBatchNorm under DDP (NCCL, one process) equals the BatchNorm step (CUDA).
 - ``dist/BACKEND/N``: an all_reduce through gloo, and NCCL (CUDA), with one process and with two (NCCL: two GPUs).
 - ``dali/...``: DALI's mixed (nvJPEG) decoder against its CPU decoder on the same JPEGs and recordIO (CUDA), and
