@@ -136,13 +136,14 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        """The resume checkpoint's content. Collective: called on every rank (the task may gather its state)."""
         rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
-                "best_metric": self.best, "task": self.task.state_dict(), "rng": rng,
+                "best_metric": self.best, "task": self.task.checkpoint_state(), "rng": rng,
                 "config": self.cfg.dump(), "version": 1}
 
     def resume(self, path: Path) -> None:
@@ -166,7 +167,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best_metric"]
         self.batch_in_epoch = state.get("batch_in_epoch", 0)
-        self.task.load_state_dict(state.get("task", {}), self.device)
+        self.task.load_checkpoint_state(state.get("task", {}), self.device)
         # A mid-epoch checkpoint's random state is restored once the batches it had trained on are skipped
         # (loading them draws augmentation randomness), so the next batch is drawn exactly as it was.
         self.pending_rng = state["rng"]
@@ -322,11 +323,12 @@ class Trainer:
                  self.epoch + (self.batch_in_epoch > 0), self.cfg.TRAIN.END_EPOCH, self.step, train_text,
                  self.task.describe(metrics), metrics["fwd_steps"], metrics["fwd_nfe"], metrics["fwd_residual"],
                  time.time() - self.last_validation)
+        score = metrics[self.task.best_metric]  # summed over ranks: every rank agrees
+        improved = self.best is None or (score > self.best if self.task.higher_is_better else score < self.best)
+        self.best = score if improved else self.best
+        state = self.state()  # on every rank: the task may gather its state over ranks
         if self.dist.is_main:
-            score = metrics[self.task.best_metric]
-            improved = self.best is None or (score > self.best if self.task.higher_is_better else score < self.best)
-            self.best = score if improved else self.best
-            self.save(self.files.checkpoint, self.state())
+            self.save(self.files.checkpoint, state)
             self.saved_step = self.step
             if improved:
                 self.save_weights(self.files.best, metrics)
