@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, ddp_reference
+from conftest import REPO, ddp_reference, needs_compat
 from deqlab.checkpoint import load_checkpoint
 from deqlab.config import load_config
 from test_lm_engine import CFG as LM_CFG, LM_DDP, assert_trained_like, lm_reference, lm_run  # noqa: F401 (fixture)
@@ -88,6 +88,7 @@ def test_two_nodes_train_a_classifier_like_one_process(tiny_run):
     assert errors and all(re.match(pattern, line) for line in errors), errors
 
 
+@needs_compat  # the corpus fixture
 def test_two_nodes_train_a_language_model_like_one_process(lm_run):
     overrides, tmp = lm_run
     overrides = overrides + LM_DDP
