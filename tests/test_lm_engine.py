@@ -69,15 +69,18 @@ def _ddp_worker(rank, init_file, overrides):
         dist.destroy_process_group()
 
 
-def test_two_process_ddp_matches_one_process(lm_run):
-    overrides, tmp = lm_run
-    # SGD: Adam's g / sqrt(v) turns round-off in a near-zero gradient into a full-size step
-    overrides = overrides + ["TRAIN.BATCH_SIZE_PER_GPU", "2", "TRAIN.MAX_STEP", "4", "TRAIN.EVAL_INTERVAL", "0",
-                             "TRAIN.OPTIMIZER", "sgd", "TRAIN.LR", "0.5"]
-    mp.spawn(_ddp_worker, args=(tempfile.mktemp(dir=tmp), overrides), nprocs=2, join=True)
-    ddp = final_params(tmp)
-    # one process, the 4 streams of both ranks in one batch (the loss is a mean over equally many tokens)
-    cfg = load_config(CFG, overrides + ["TRAIN.BATCH_SIZE_PER_GPU", "4"])
+# SGD: Adam's g / sqrt(v) turns round-off in a near-zero gradient into a full-size step
+LM_DDP = ["TRAIN.BATCH_SIZE_PER_GPU", "2", "TRAIN.MAX_STEP", "4", "TRAIN.EVAL_INTERVAL", "0",
+          "TRAIN.OPTIMIZER", "sgd", "TRAIN.LR", "0.5"]
+
+
+def lm_reference(overrides, ranks=2):
+    """What a run of ``ranks`` processes with ``overrides`` must end with, trained in one process: the streams of
+    every rank in one batch (the loss is a mean over equally many tokens per rank). Returns (model, initial
+    state_dict)."""
+    cfg = load_config(CFG, overrides)
+    per_rank = cfg.TRAIN.BATCH_SIZE_PER_GPU
+    cfg = load_config(CFG, overrides + ["TRAIN.BATCH_SIZE_PER_GPU", str(per_rank * ranks)])
     task = get_task("lm", cfg)
     torch.manual_seed(cfg.SEED)
     model = task.build_model()
@@ -87,7 +90,7 @@ def test_two_process_ddp_matches_one_process(lm_run):
     model.train()
     task.start_pass(train=True)
     for step, (x, y) in enumerate(task.build_loader("train", distributed=False)):
-        if step == 4:
+        if step == cfg.TRAIN.MAX_STEP:
             break
         output, _ = task.forward(model, x, train_step=step, compute_jac_loss=False, f_thres=cfg.DEQ.F_THRES)
         optimizer.zero_grad()
@@ -95,10 +98,34 @@ def test_two_process_ddp_matches_one_process(lm_run):
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.TRAIN.CLIP)
         optimizer.step()
         scheduler.step()
+    return model, init
+
+
+def assert_trained_like(params, model, init):
+    """``params`` (a checkpoint's) are ``model``'s to 1e-5, and training changed them; the largest difference."""
+    diff = 0.0
     for name, value in model.state_dict().items():
-        assert torch.allclose(ddp[name], value, atol=1e-5, rtol=0), name
+        assert torch.allclose(params[name], value, atol=1e-5, rtol=0), name
+        diff = max(diff, (params[name] - value).abs().max().item())
         if name in init and name.startswith(("func.", "word_emb.", "inject_conv.")):
             assert not torch.equal(value, init[name]), name  # trained, so the comparison means something
+    return diff
+
+
+def test_two_process_ddp_matches_one_process_and_resumes_exactly(lm_run):
+    overrides, tmp = lm_run
+    overrides = overrides + LM_DDP
+    mp.spawn(_ddp_worker, args=(tempfile.mktemp(dir=tmp), overrides), nprocs=2, join=True)
+    ddp = final_params(tmp)
+    print(f"max |DDP - one process| {assert_trained_like(ddp, *lm_reference(overrides)):.2e}")
+    # cut after step 2 mid-epoch and resumed: every rank continues with its own streams' memory
+    cut = overrides + ["OUTPUT_DIR", str(tmp / "cut")]
+    mp.spawn(_ddp_worker, args=(tempfile.mktemp(dir=tmp), cut + ["TRAIN.MAX_STEP", "2"]), nprocs=2, join=True)
+    state = load_checkpoint(tmp / "cut" / "austen" / "deq_transformer_quickstart" / "checkpoint.pth")
+    assert state["step"] == 2 and state["task"]["mems"][0].shape == (8, 4, 16)  # both ranks' 2 streams
+    mp.spawn(_ddp_worker, args=(tempfile.mktemp(dir=tmp), cut + ["TRAIN.RESUME", "True"]), nprocs=2, join=True)
+    resumed = final_params(tmp, "cut")
+    assert all(torch.equal(ddp[k], resumed[k]) for k in ddp)
 
 
 def run(args, tmp):

@@ -29,7 +29,10 @@ SKIP = {
                                       "itself); quickstart.sh runs end to end in tests/test_quickstart.py",
     "pip install -e .": "installs: would repoint the installed deqlab package at this scratch copy (the extras it "
                         "names are checked against setup.py below)",
-    "torchrun --standalone --nproc_per_node 4": "4 and 8 GPU processes, a second node (host0:29500)",
+    "torchrun --standalone --nproc_per_node 4": "4 GPU processes",
+    "torchrun --nnodes 2 --nproc_per_node 8": "two machines of 8 GPUs; tests/test_multinode.py runs this command as "
+                                              "two one-process agents on one machine",
+    "#!/bin/bash": "a SLURM cluster (sbatch, srun, scontrol) of GPU nodes",
     "python tools/cls_train.py --cfg experiments/cifar/cls_mdeq_small_phantom.yaml":
         "its torchrun line trains the large phantom recipe on 2 GPUs",
     "python tools/sweep.py --cfg experiments/fashion_mnist/cls_mdeq_quickstart.yaml":

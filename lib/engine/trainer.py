@@ -33,7 +33,8 @@ from deqlab.engine.precise_bn import log_gap, recompute_bn_stats
 from deqlab.engine.run_files import run_files
 from deqlab.errors import CheckpointError
 from deqlab.tasks import Task, get_task
-from deqlab.utils.dist import DistInfo, barrier, init_distributed, to_device
+from deqlab.utils.dist import (DistInfo, barrier, broadcast_from_main, broadcast_module, gather_from_all,
+                               init_distributed, to_device)
 
 log = logging.getLogger("deqlab")
 
@@ -96,9 +97,10 @@ class Trainer:
         self.saved_step: int | None = None  # the step of the last checkpoint this run wrote
         self.writer: Any = None  # tensorboard, once the run starts writing (start_writing)
         self.resume_from = Path(cfg.TRAIN.RESUME_FILE) if cfg.TRAIN.RESUME_FILE else self.files.checkpoint
-        if cfg.TRAIN.RESUME_FILE and not self.resume_from.is_file():
+        found = (cfg.TRAIN.RESUME_FILE or cfg.TRAIN.RESUME) and self.resume_file_on_every_rank()
+        if cfg.TRAIN.RESUME_FILE and not found:
             raise CheckpointError(f"TRAIN.RESUME_FILE {self.resume_from} not found")
-        if cfg.TRAIN.RESUME_FILE or (cfg.TRAIN.RESUME and self.resume_from.is_file()):
+        if found:
             self.resume(self.resume_from)
         elif cfg.TRAIN.RESUME:
             log.info("TRAIN.RESUME: no checkpoint at %s, starting from scratch", self.resume_from)
@@ -134,14 +136,26 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        """The resume checkpoint's content. Collective: called on every rank (the task may gather its state)."""
         rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
-                "best_metric": self.best, "task": self.task.state_dict(), "rng": rng,
+                "best_metric": self.best, "task": self.task.checkpoint_state(), "rng": rng,
                 "config": self.cfg.dump(), "version": 1}
+
+    def resume_file_on_every_rank(self) -> bool:
+        """Whether every rank sees the resume checkpoint (collective). Refused on every rank, in one line, when only
+        some do (nodes that do not share a disk): those would start from scratch and the others resume."""
+        found = gather_from_all(self.resume_from.is_file())
+        if any(found) and not all(found):
+            label = "TRAIN.RESUME_FILE" if self.cfg.TRAIN.RESUME_FILE else "TRAIN.RESUME: checkpoint"
+            lacking = ", ".join(str(rank) for rank, ok in enumerate(found) if not ok)
+            raise CheckpointError(f"{label} {self.resume_from} is missing on rank(s) {lacking} of {len(found)}: "
+                                  f"copy it to the same path on every node (or share OUTPUT_DIR) to resume")
+        return all(found)
 
     def resume(self, path: Path) -> None:
         """Continue the training state at ``path``; refused in one line, before anything is written, unless it
@@ -164,7 +178,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best_metric"]
         self.batch_in_epoch = state.get("batch_in_epoch", 0)
-        self.task.load_state_dict(state.get("task", {}), self.device)
+        self.task.load_checkpoint_state(state.get("task", {}), self.device)
         # A mid-epoch checkpoint's random state is restored once the batches it had trained on are skipped
         # (loading them draws augmentation randomness), so the next batch is drawn exactly as it was.
         self.pending_rng = state["rng"]
@@ -320,11 +334,12 @@ class Trainer:
                  self.epoch + (self.batch_in_epoch > 0), self.cfg.TRAIN.END_EPOCH, self.step, train_text,
                  self.task.describe(metrics), metrics["fwd_steps"], metrics["fwd_nfe"], metrics["fwd_residual"],
                  time.time() - self.last_validation)
+        score = metrics[self.task.best_metric]  # summed over ranks: every rank agrees
+        improved = self.best is None or (score > self.best if self.task.higher_is_better else score < self.best)
+        self.best = score if improved else self.best
+        state = self.state()  # on every rank: the task may gather its state over ranks
         if self.dist.is_main:
-            score = metrics[self.task.best_metric]
-            improved = self.best is None or (score > self.best if self.task.higher_is_better else score < self.best)
-            self.best = score if improved else self.best
-            self.save(self.files.checkpoint, self.state())
+            self.save(self.files.checkpoint, state)
             self.saved_step = self.step
             if improved:
                 self.save_weights(self.files.best, metrics)
@@ -359,9 +374,11 @@ class Trainer:
     def final_test(self) -> dict[str, float]:
         """The task's final test split (a language model's test set) on the best weights; {} when it has none."""
         split = self.task.final_test_split
-        if not split or not self.files.best.is_file():
+        if not split or not broadcast_from_main(self.files.best.is_file()):
             return {}
-        load_weights(self.model, self.files.best)
+        if self.dist.is_main:  # only rank 0 wrote the file: the other nodes may not see its disk
+            load_weights(self.model, self.files.best)
+        broadcast_module(self.model)
         frozen = self.cfg.is_frozen()
         self.cfg.defrost()
         self.cfg.DATASET.TEST_SET = split

@@ -88,7 +88,16 @@ class Task:
         return {}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
-        """Restore :meth:`state_dict` when a run resumes."""
+        """Restore :meth:`state_dict` (a resumed run, a skipped non-finite step)."""
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What the resume checkpoint holds of the task: :meth:`state_dict`, unless the task gathers every rank's.
+        Called on every rank before rank 0 saves, so it may be collective."""
+        return self.state_dict()
+
+    def load_checkpoint_state(self, state: dict[str, Any], device: torch.device) -> None:
+        """Restore this rank's part of :meth:`checkpoint_state` when a run resumes."""
+        self.load_state_dict(state, device)
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         """The task's loss of one output of the model for a batch (a scalar). The DEQ terms (Jacobian, skip,

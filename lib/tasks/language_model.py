@@ -6,8 +6,8 @@ What differs from the image tasks, and lives here rather than in the engine:
   (``deqlab.data.lm.LMOrderedIterator``); rank r of N takes streams [r·B, (r+1)·B) of the N·B streams, B =
   ``BATCH_SIZE_PER_GPU``, so N ranks see exactly what one process sees with N·B streams;
 - the model's memory (``mem_len`` past states per stream) is carried from one segment to the next and reset
-  at the start of every epoch and every evaluation (``start_pass``); it is part of the resume checkpoint, so
-  a run resumed mid-epoch continues exactly;
+  at the start of every epoch and every evaluation (``start_pass``); it is part of the resume checkpoint (every
+  rank's streams, ``checkpoint_state``), so a run resumed mid-epoch continues exactly, on one process or several;
 - the model returns the per-token NLL, which is the "output": the loss is its mean, the metric perplexity.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ from deqlab.errors import CheckpointError, ConfigError
 from deqlab.models import build_model
 from deqlab.solvers.common import SolveSummary, solver_summary
 from deqlab.tasks.base import Meter, Task
+from deqlab.utils.dist import gather_from_all
 
 
 def perplexity(mean_nll: float) -> float:
@@ -136,6 +137,22 @@ class LanguageModelTask(Task):
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.mems[True] = [m.to(device) for m in state.get("mems", [])] or None
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The memory of all N·B streams: every rank's B, concatenated along the streams (dim 1) in rank order.
+        Collective."""
+        per_rank = gather_from_all([m.cpu() for m in self.mems[True] or []])
+        return {"mems": [torch.cat(parts, dim=1) for parts in zip(*per_rank)]}
+
+    def load_checkpoint_state(self, state: dict[str, Any], device: torch.device) -> None:
+        """This rank's streams of the saved memory (its slice of dim 1, as ``build_loader`` shards them)."""
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        mems = state.get("mems", [])
+        streams = int(self.cfg.TRAIN.BATCH_SIZE_PER_GPU) * world
+        if mems and mems[0].shape[1] != streams:
+            raise CheckpointError(f"the resume checkpoint's memory has {mems[0].shape[1]} streams, this run {streams} "
+                                  f"({world} rank(s) x TRAIN.BATCH_SIZE_PER_GPU): resume with the same global batch")
+        self.load_state_dict({"mems": [torch.tensor_split(m, world, dim=1)[rank].contiguous() for m in mems]}, device)
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return output.float().mean()

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from deqlab.utils.cpu_allocator import configure_cpu_allocator
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,32 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values)
     return values
+
+
+def broadcast_from_main(obj: T) -> T:
+    """Rank 0's ``obj`` (anything picklable) on every rank; ``obj`` itself for one process."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_from_all(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (anything picklable; tensors best on the CPU), in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Overwrite ``module``'s parameters and buffers on every rank with rank 0's, in place: weights only rank 0
+    could read (e.g. from a disk the other nodes do not share) reach every rank."""
+    if dist.is_initialized():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
 
 
 def cleanup() -> None:
