@@ -1,4 +1,4 @@
-"""MDEQ-TINY train and eval steps, deqlab against the original implementations, side by side in one run.
+"""deqlab's train (and MDEQ-TINY eval) steps against the original implementations, side by side in one run.
 
     git clone https://github.com/locuslab/mdeq /path/to/mdeq && pip install termcolor   # the original, as shipped
     git clone https://github.com/locuslab/deq /path/to/deq                # optional: its MDEQ-Vision
@@ -7,6 +7,12 @@
                                           [--f-thres 10 22 30] [--batch 32] [--steps 3] [--variants ...]
                                           [--device cpu|cuda]
                                           [--out benchmarks/results/compare_original.json]
+    python benchmarks/compare_original.py --task seg --mdeq /path/to/mdeq [--crop 128 64] [--batch 2] [...]
+    python benchmarks/compare_original.py --task lm --deq /path/to/deq [--tgt-len 64] [--batch 8] [...]
+
+``--task seg|lm`` (``compare_tasks.py``): the segmentation and DEQ-Transformer train steps against locuslab/mdeq's
+and locuslab/deq's, from the same weights, after a check that both compute the same losses. The rest of this
+docstring is about ``--task cls`` (the default).
 
 The originals' code is imported from those checkouts at run time (never copied here) and runs as shipped, on
 ``--device`` (locuslab/deq's backward hook calls ``torch.cuda.synchronize()``, made a no-op without CUDA). All build MDEQ-TINY

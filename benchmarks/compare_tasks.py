@@ -42,7 +42,7 @@ VARIANTS = {"seg": {"ours": [], "ours_nhwc": ["MODEL.CHANNELS_LAST", "True"], "f
 # backward solves do not converge at this init and the two keep different iterates (locuslab/mdeq keeps the one
 # of lowest absolute residual over the batch, its zero initial guess included, so its cell can get no gradient
 # at all; ours the lowest relative residual per sample).
-TOLERANCE = {("unrolled", "loss"): 1e-5, ("unrolled", "grad"): 1e-4, ("deq", "loss"): 1e-4}
+TOLERANCE = {("unrolled", "loss"): 1e-5, ("unrolled", "grad"): 1e-4, ("deq", "loss"): 1e-3}
 CELLS = {"seg": "fullstage.", "lm": "func."}  # the DEQ cell's parameters
 TRAIN_STEP = 10**9  # past any pretraining: the DEQ path
 
