@@ -1,4 +1,4 @@
-"""MDEQ-TINY train and eval steps, deqlab against the original implementations, side by side in one run.
+"""deqlab's train (and MDEQ-TINY eval) steps against the original implementations, side by side in one run.
 
     git clone https://github.com/locuslab/mdeq /path/to/mdeq && pip install termcolor   # the original, as shipped
     git clone https://github.com/locuslab/deq /path/to/deq                # optional: its MDEQ-Vision
@@ -7,6 +7,12 @@
                                           [--f-thres 10 22 30] [--batch 32] [--steps 3] [--variants ...]
                                           [--device cpu|cuda]
                                           [--out benchmarks/results/compare_original.json]
+    python benchmarks/compare_original.py --task seg --mdeq /path/to/mdeq [--crop 128 64] [--batch 2] [...]
+    python benchmarks/compare_original.py --task lm --deq /path/to/deq [--tgt-len 64] [--batch 8] [...]
+
+``--task seg|lm`` (``compare_tasks.py``): the segmentation and DEQ-Transformer train steps against locuslab/mdeq's
+and locuslab/deq's, from the same weights, after a check that both compute the same losses. The rest of this
+docstring is about ``--task cls`` (the default).
 
 The originals' code is imported from those checkouts at run time (never copied here) and runs as shipped, on
 ``--device`` (locuslab/deq's backward hook calls ``torch.cuda.synchronize()``, made a no-op without CUDA). All build MDEQ-TINY
@@ -30,15 +36,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+import compare_tasks
+import originals
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "experiments/cifar/cls_mdeq_TINY.yaml"
@@ -60,6 +69,7 @@ VARIANTS = {
     "floor": ["DEQ.F_SOLVER", "fixed_point", "DEQ.B_SOLVER", "fixed_point"],
 }
 ORIGINALS = ("original", "original_retain")
+REPOS = {"mdeq": "github.com/locuslab/mdeq", "deq": "github.com/locuslab/deq", "zoo": "github.com/locuslab/torchdeq"}
 SHORT = {"original": "orig", "original_retain": "kept", "locuslab_deq": "deq", "torchdeq_zoo": "zoo"}  # columns
 # The phantom-gradient recipe (experiments/cifar/cls_mdeq_small_phantom.yaml, the zoo's run_small.sh values;
 # LOSS.FPC off, as the zoo's one supervised state) against the torchdeq zoo's deq-zoo/mdeq/mdeq_cifar (--zoo).
@@ -103,79 +113,6 @@ def build_ours(f_thres: int, variant: str = "ours"):
     return model, forward
 
 
-def build_original(root: str, f_thres: int, retain: bool = False):
-    if retain:
-        from deqlab.utils.cpu_allocator import retain_freed_memory
-        retain_freed_memory()
-    sys.path[:0] = [f"{root}/lib", f"{root}/lib/models", f"{root}/lib/modules"]
-    os.chdir(root)  # the original resolves some imports and paths from its root
-    from config import config  # noqa: E402  (the original's yacs defaults)
-    import models  # noqa: E402
-
-    config.defrost()
-    config.merge_from_file(CONFIG)
-    config.MODEL.F_THRES, config.MODEL.B_THRES, config.MODEL.DROPOUT = f_thres, f_thres, 0.0
-    config.freeze()
-    torch.manual_seed(0)
-    model = models.mdeq.get_cls_net(config)
-
-    def forward(x):
-        out = model(x, train_step=10**9, f_thres=f_thres, b_thres=f_thres)
-        return out[0] if isinstance(out, (tuple, list)) else out
-    return model, forward
-
-
-def build_deq_vision(root: str, f_thres: int):
-    """locuslab/deq's MDEQ-Vision (the later MDEQ code: its own solvers and Jacobian regulariser, off here)."""
-    vision = Path(root) / "MDEQ-Vision"
-    sys.path[:0] = [str(vision / "lib")]
-    os.chdir(vision)  # it appends "lib/", "lib/models" and "../" (for the repository's lib/) to sys.path
-    if not torch.cuda.is_available():  # its backward hook calls torch.cuda.synchronize() unconditionally
-        torch.cuda.synchronize = lambda *args, **kwargs: None
-    from config import config  # noqa: E402  (MDEQ-Vision's yacs defaults)
-    import models  # noqa: E402
-
-    config.defrost()
-    config.merge_from_file("experiments/cifar/cls_mdeq_TINY.yaml")
-    config.DEQ.F_THRES, config.DEQ.B_THRES, config.MODEL.DROPOUT = f_thres, f_thres, 0.0
-    config.freeze()
-    torch.manual_seed(0)
-    model = models.mdeq.get_cls_net(config)
-
-    def forward(x):
-        return model(x, train_step=10**9, compute_jac_loss=False, f_thres=f_thres, b_thres=f_thres)[0]
-    return model, forward
-
-
-def build_zoo(root: str, f_thres: int):
-    """The torchdeq zoo's MDEQ (deq-zoo/mdeq/mdeq_cifar, needs ``pip install torchdeq``) with run_small.sh's
-    flags: weight norm, Broyden forward at ``f_thres``, phantom gradient of 5 steps with tau 0.5."""
-    import argparse as _argparse
-
-    from torchdeq.utils import add_deq_args
-
-    zoo = Path(root) / "deq-zoo/mdeq/mdeq_cifar"
-    sys.path[:0] = [str(zoo / "mdeq")]
-    os.chdir(zoo)
-    from config import config  # noqa: E402  (the zoo's yacs defaults)
-    import models  # noqa: E402
-
-    parser = _argparse.ArgumentParser()
-    add_deq_args(parser)
-    args = parser.parse_args(["--norm_type", "weight_norm", "--f_solver", "broyden", "--f_max_iter", str(f_thres),
-                              "--grad", "5", "--tau", "0.5"])
-    config.defrost()
-    config.merge_from_file("configs/small.yaml")
-    config.freeze()
-    torch.manual_seed(0)
-    model = models.mdeq.get_cls_net(config, args)
-
-    def forward(x):
-        out = model(x, train_step=10**9)
-        return out[-1] if isinstance(out, list) else out  # training: one output per supervised state (one)
-    return model, forward
-
-
 def time_steps(model, forward, batch: int, steps: int) -> dict:
     model.to(DEVICE)
     x = torch.randn(batch, 3, 32, 32, device=DEVICE)
@@ -207,11 +144,12 @@ def time_steps(model, forward, batch: int, steps: int) -> dict:
 
 
 def run_child(args: argparse.Namespace, which: str, f_thres: int) -> dict:
-    """Time ``which`` at ``f_thres`` in a fresh process."""
+    """Run ``which`` at ``f_thres`` in a fresh process (a timing, or the equal-weights ``check``)."""
     paths = [item for flag in ("mdeq", "deq", "zoo") if getattr(args, flag)
              for item in (f"--{flag}", str(Path(getattr(args, flag)).resolve()))]
-    cmd = [sys.executable, str(Path(__file__).resolve()), *paths, "--child", which, str(f_thres),
-           "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device]
+    cmd = [sys.executable, str(Path(__file__).resolve()), *paths, "--task", args.task, "--child", which, str(f_thres),
+           "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device, "--crop",
+           *map(str, args.crop), "--tgt-len", str(args.tgt_len), "--weights", args.weights]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"error: the {which} step failed: {proc.stderr.strip().splitlines()[-1]}")
@@ -239,53 +177,89 @@ def compare(args: argparse.Namespace, variants: list[str], baselines: list[str])
     return rows
 
 
-def main() -> None:
+def cls_child(args: argparse.Namespace) -> dict:
+    """The ``--child WHICH T`` process of the classification comparison."""
+    which, f_thres = args.child[0], int(args.child[1])
+    if which == "locuslab_deq":
+        model, forward = originals.deq_vision(args.deq, f_thres)
+    elif which == "torchdeq_zoo":
+        model, forward = originals.zoo(args.zoo, f_thres)
+    elif which in VARIANTS or which in PHANTOM_VARIANTS:
+        model, forward = build_ours(f_thres, which)
+    else:
+        model, forward = originals.mdeq_cls(args.mdeq, CONFIG, f_thres, retain=which == "original_retain")
+    return time_steps(model, forward, args.batch, args.steps)
+
+
+def checkouts(args: argparse.Namespace) -> None:
+    """Exit with a clear message unless every checkout the task needs is given and is the expected repository."""
+    needed = {"cls": [], "seg": ["mdeq"], "lm": ["deq"]}[args.task]  # cls without --mdeq: our variants only
+    for flag in needed:
+        if not getattr(args, flag):
+            sys.exit(f"error: --task {args.task} needs --{flag}, a checkout of {REPOS[flag]}")
+    for flag in ("mdeq", "deq", "zoo"):
+        path = getattr(args, flag)
+        marker = "MDEQ-Vision/lib/models/mdeq.py" if (flag, args.task) == ("deq", "cls") else originals.MARKERS[flag]
+        if path and not (Path(path) / marker).is_file():
+            sys.exit(f"error: --{flag} {path} is not a checkout of {REPOS[flag]} (no {marker})")
+
+
+def main(argv: list[str] | None = None) -> None:
     global DEVICE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mdeq", default="", help="a checkout of github.com/locuslab/mdeq (without it: our "
-                        "variants only, no ratios)")
-    parser.add_argument("--deq", default="", help="optional: a checkout of github.com/locuslab/deq, whose "
-                        "MDEQ-Vision is then timed too (variant locuslab_deq, a third baseline)")
-    parser.add_argument("--zoo", default="", help="optional: a checkout of github.com/locuslab/torchdeq: its "
+    parser.add_argument("--task", choices=("cls", "seg", "lm"), default="cls",
+                        help="cls: MDEQ-TINY (default); seg: MDEQ-SMALL segmentation; lm: the DEQ-Transformer")
+    parser.add_argument("--mdeq", default="", help="a checkout of github.com/locuslab/mdeq (seg; cls: "
+                        "without it, our variants only, no ratios)")
+    parser.add_argument("--deq", default="", help="a checkout of github.com/locuslab/deq: lm's original "
+                        "(DEQ-Sequence); with cls, its MDEQ-Vision is timed too (locuslab_deq, a third baseline)")
+    parser.add_argument("--zoo", default="", help="optional, cls: a checkout of github.com/locuslab/torchdeq: its "
                         "deq-zoo MDEQ's phantom recipe is timed against ours in a second table")
     parser.add_argument("--f-thres", type=int, nargs="+", default=[10, 22, 30])
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, help="default: 32 (cls), 2 (seg), 8 (lm)")
+    parser.add_argument("--crop", type=int, nargs=2, default=[128, 64], metavar=("W", "H"), help="seg's input size")
+    parser.add_argument("--tgt-len", type=int, default=64, help="lm's tokens per stream (and its memory length)")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS),
-                        help="our variants to time beside the original (default: all)")
+    parser.add_argument("--variants", nargs="+", help="our variants to time beside the original (default: all "
+                        f"of the task's: cls {', '.join(VARIANTS)}; seg {', '.join(compare_tasks.VARIANTS['seg'])}; "
+                        f"lm {', '.join(compare_tasks.VARIANTS['lm'])})")
     parser.add_argument("--device", default=str(DEVICE), choices=("cpu", "cuda"),
-                        help="where every implementation runs (default: cuda when available)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks/results/compare_original.json"))
+                        help="where every implementation runs (default: cuda when available; seg and lm: cpu)")
+    parser.add_argument("--out", help="default: benchmarks/results/compare_original[_TASK].json")
     parser.add_argument("--child", nargs=2, metavar=("WHICH", "F_THRES"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--weights", default="", help=argparse.SUPPRESS)  # the check's, for every timed process
+    args = parser.parse_args(argv)
+    args.batch = args.batch or {"cls": 32, "seg": 2, "lm": 8}[args.task]
+    args.roots = {"seg": args.mdeq, "lm": args.deq}
     if args.child:
         DEVICE = torch.device(args.device)
-        which, f_thres = args.child[0], int(args.child[1])
-        if which == "locuslab_deq":
-            model, forward = build_deq_vision(args.deq, f_thres)
-        elif which == "torchdeq_zoo":
-            model, forward = build_zoo(args.zoo, f_thres)
-        elif which in VARIANTS or which in PHANTOM_VARIANTS:
-            model, forward = build_ours(f_thres, which)
-        else:
-            model, forward = build_original(args.mdeq, f_thres, retain=which == "original_retain")
-        print(json.dumps(time_steps(model, forward, args.batch, args.steps)))
+        print(json.dumps(cls_child(args) if args.task == "cls" else compare_tasks.child(args)))
         return
-    for flag, marker in (("mdeq", "lib/models/mdeq.py"), ("deq", "MDEQ-Vision/lib/models/mdeq.py"),
-                         ("zoo", "deq-zoo/mdeq/mdeq_cifar/mdeq/models/mdeq.py")):
-        if getattr(args, flag) and not (Path(getattr(args, flag)) / marker).is_file():
-            sys.exit(f"error: --{flag} {getattr(args, flag)} is not the expected checkout (no {marker})")
-    # Baselines: the original as shipped, the original with our allocator setting, locuslab/deq's MDEQ-Vision.
-    baselines = [*(ORIGINALS if args.mdeq else ()), *(["locuslab_deq"] if args.deq else [])]
-    rows = compare(args, [*baselines, *args.variants], baselines)
+    checkouts(args)
+    known = VARIANTS if args.task == "cls" else compare_tasks.VARIANTS[args.task]
+    args.variants = args.variants or list(known)
+    if unknown := [v for v in args.variants if v not in known]:
+        sys.exit(f"error: --task {args.task} has no variant {', '.join(unknown)}; known: {', '.join(known)}")
+    if args.task != "cls" and args.device != "cpu":
+        sys.exit(f"error: --task {args.task} runs on the CPU only (locuslab/deq's DEQ-Transformer makes its "
+                 "states on the default device); use --device cpu")
     phantom = []
-    if args.zoo:
-        print("\nphantom-gradient recipe against the torchdeq zoo's (deq-zoo/mdeq/mdeq_cifar, run_small.sh)")
-        phantom = compare(args, ["torchdeq_zoo", *PHANTOM_VARIANTS], ["torchdeq_zoo"])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "phantom_rows": phantom, "device": args.device,
-                                          "torch": torch.__version__}, indent=2))
-    print(f"wrote {args.out}")
+    if args.task == "cls":
+        # Baselines: the original as shipped, the original with our allocator setting, locuslab/deq's MDEQ-Vision.
+        baselines = [*(ORIGINALS if args.mdeq else ()), *(["locuslab_deq"] if args.deq else [])]
+        rows = compare(args, [*baselines, *args.variants], baselines)
+        if args.zoo:
+            print("\nphantom-gradient recipe against the torchdeq zoo's (deq-zoo/mdeq/mdeq_cifar, run_small.sh)")
+            phantom = compare(args, ["torchdeq_zoo", *PHANTOM_VARIANTS], ["torchdeq_zoo"])
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.weights = str(Path(tmp) / "weights.pt")
+            rows = compare_tasks.compare(args, lambda which, f_thres: run_child(args, which, f_thres))
+    out = Path(args.out or REPO / f"benchmarks/results/compare_original{'' if args.task == 'cls' else '_' + args.task}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"task": args.task, "rows": rows, "phantom_rows": phantom, "device": args.device,
+                               "torch": torch.__version__}, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
