@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from deqlab.checkpoint import load_checkpoint
+from deqlab.checkpoint import load_checkpoint, save_checkpoint
 from deqlab.config import load_config
 from deqlab.engine import Trainer
 from deqlab.engine.optim import build_optimizer, build_scheduler, observe_validation
@@ -31,6 +31,9 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tiny_run):
     first = Trainer(cut_cfg, path)
     first.fit(stop_after=1)
     assert (first.out_dir / "checkpoint.pth").is_file() and not (first.out_dir / "final_state.pth").exists()
+    state = load_checkpoint(first.out_dir / "checkpoint.pth")
+    state["rng"] = state["rng"][0]  # as written before every rank's was kept: one process's state still resumes
+    save_checkpoint(first.out_dir / "checkpoint.pth", state)
     resumed_cfg = load_config(path, overrides + ["OUTPUT_DIR", str(tmp / "cut"), "TRAIN.RESUME", "True"])
     resumed = Trainer(resumed_cfg, path)
     resumed_metrics = resumed.fit()
@@ -55,20 +58,24 @@ def test_a_run_writes_loadable_outputs(tiny_run):
     assert list(trainer.tb_dir.glob("events.out.tfevents.*"))
 
 
-def _ddp_worker(rank, init_file, path, overrides):
+def _ddp_worker(rank, init_file, path, overrides, stop_after):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         cfg = load_config(path, overrides)
-        Trainer(cfg, path, DistInfo(rank, 2, rank, torch.device("cpu"))).fit()
+        Trainer(cfg, path, DistInfo(rank, 2, rank, torch.device("cpu"))).fit(stop_after)
     finally:
         dist.destroy_process_group()
+
+
+def fit_on_two_processes(path, overrides, tmp_path, stop_after=None):
+    """``Trainer.fit(stop_after)`` in two DDP processes (gloo, CPU)."""
+    mp.spawn(_ddp_worker, args=(tempfile.mktemp(dir=tmp_path), path, overrides, stop_after), nprocs=2, join=True)
 
 
 def test_two_process_ddp_matches_one_process_on_the_same_global_batches(tiny_run):
     path, overrides, tmp_path = tiny_run
     overrides = overrides + ["TRAIN.END_EPOCH", "1", "TRAIN.BATCH_SIZE_PER_GPU", "8"]
-    init_file = tempfile.mktemp(dir=tmp_path)
-    mp.spawn(_ddp_worker, args=(init_file, path, overrides), nprocs=2, join=True)
+    fit_on_two_processes(path, overrides, tmp_path)
     cfg = load_config(path, overrides)
     ddp = params_of(tmp_path / "out/fashion_mnist/cls_mdeq_quickstart/final_state.pth")
 
@@ -78,6 +85,30 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batches(tiny_run
         assert torch.allclose(ddp[name], param.detach(), atol=1e-5, rtol=0), name
     # Only rank 0 wrote: one tensorboard event file.
     assert len(list((tmp_path / "log").rglob("events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.usefixtures("one_thread_per_process")
+def test_two_process_ddp_resumes_every_ranks_random_state(tiny_run):
+    """Dropout and augmentation draw different numbers on each rank: a two-process run cut after its first
+    epoch and resumed ends exactly like the uninterrupted one only if every rank's random state was saved."""
+    path, overrides, tmp = tiny_run
+    overrides = overrides + ["MODEL.DROPOUT", "0.2", "DATASET.AUGMENT", "True", "TRAIN.BATCH_SIZE_PER_GPU", "8"]
+    fit_on_two_processes(path, overrides + ["OUTPUT_DIR", str(tmp / "full")], tmp)
+    cut = overrides + ["OUTPUT_DIR", str(tmp / "cut")]
+    fit_on_two_processes(path, cut, tmp, stop_after=1)
+    checkpoint = tmp / "cut/fashion_mnist/cls_mdeq_quickstart/checkpoint.pth"
+    state = load_checkpoint(checkpoint)  # weights_only=True
+    assert state["epoch"] == 1 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    # one process resuming it takes rank 0's state (the data are sharded otherwise: it cannot be exact anyway)
+    Trainer(load_config(path, overrides + ["OUTPUT_DIR", str(tmp / "one"), "TRAIN.RESUME_FILE", str(checkpoint)]),
+            path)
+    assert torch.equal(torch.get_rng_state(), state["rng"][0]["torch"])
+    fit_on_two_processes(path, cut + ["TRAIN.RESUME", "True"], tmp)
+    a = params_of(tmp / "full/fashion_mnist/cls_mdeq_quickstart/final_state.pth")
+    b = params_of(tmp / "cut/fashion_mnist/cls_mdeq_quickstart/final_state.pth")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.mark.parametrize("name, expected_at", [("cosine", {0: 1.0, 5: 0.5, 10: 0.0}),

@@ -137,13 +137,11 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """The resume checkpoint's content. Collective: called on every rank (the task may gather its state)."""
-        rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
-                "best_metric": self.best, "task": self.task.checkpoint_state(), "rng": rng,
+                "best_metric": self.best, "task": self.task.checkpoint_state(),
+                "rng": gather_from_all(self.rng_state()),  # every rank's, indexed by rank
                 "config": self.cfg.dump(), "version": 1}
 
     def resume_file_on_every_rank(self) -> bool:
@@ -181,20 +179,44 @@ class Trainer:
         self.task.load_checkpoint_state(state.get("task", {}), self.device)
         # A mid-epoch checkpoint's random state is restored once the batches it had trained on are skipped
         # (loading them draws augmentation randomness), so the next batch is drawn exactly as it was.
-        self.pending_rng = state["rng"]
+        self.pending_rng = self.own_rng_state(state["rng"])
         if not self.batch_in_epoch:
             self.restore_rng()
         log.info("resumed from %s at epoch %d (step %d, best %s %s)", path, self.epoch, self.step,
                  self.task.best_metric, "-" if self.best is None else f"{self.best:.4g}")
 
+    def rng_state(self) -> dict[str, Any]:
+        """This rank's random state: torch's CPU generator, its GPU's (where CUDA is), python's ``random`` (its
+        625 words: a tuple would not load weights-only). The engine draws nothing from numpy's global state."""
+        rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return rng
+
+    def own_rng_state(self, saved: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any] | None:
+        """This rank's entry of a checkpoint's random states (a list by rank; an older checkpoint's one dict is
+        rank 0's). Written by another number of ranks, only rank 0 gets its state: the data are sharded
+        differently anyway, so the run cannot continue exactly, and resuming on fewer or more GPUs stays allowed
+        rather than refused; the other ranks keep their fresh SEED + rank streams, as rank 0 says in one line."""
+        states = saved if isinstance(saved, list) else [saved]
+        if len(states) == self.dist.world_size:
+            return states[self.dist.rank]
+        if self.dist.is_main and self.dist.world_size > 1:
+            log.warning("the resume checkpoint holds the random state of %d rank(s), this run has %d: ranks 1 and up "
+                        "start from SEED + rank, so the run does not continue exactly", len(states),
+                        self.dist.world_size)
+        return states[0] if self.dist.is_main else None
+
     def restore_rng(self) -> None:
+        """Set this rank's random state to the resume checkpoint's (once, see :meth:`resume`)."""
         rng, self.pending_rng = self.pending_rng, None
-        if rng is None or self.dist.rank != 0:  # other ranks keep their own (seed + rank) streams
+        if rng is None:
             return
-        torch.set_rng_state(rng["torch"])
+        # the checkpoint was loaded onto this rank's device; the generators take their state from the CPU only
+        torch.set_rng_state(rng["torch"].cpu())
         random.setstate((3, tuple(rng["python"]), None))
         if rng.get("cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
 
     def save_weights(self, path: Path, metrics: dict[str, Any]) -> None:
         self.save(path, {"model": self.model.state_dict(), "epoch": self.epoch,
