@@ -7,6 +7,7 @@ their files), which only replace what this torch/numpy no longer has or what nee
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -108,19 +109,23 @@ def mdeq_seg(root: str, config_file: str, f_thres: int, counts: dict[str, int]) 
     return model, loss
 
 
-def deq_transformer(root: str, kwargs: dict[str, Any], f_thres: int, counts: dict[str, int]
-                    ) -> tuple[nn.Module, Callable]:
-    """locuslab/deq's DEQ-Transformer (``DEQ-Sequence``) from the original's keyword arguments, Anderson forward
-    and Broyden backward (``wt103_deq_transformer.sh``), both at ``f_thres``, and
-    ``loss(data, target, mems, train_step)`` (the mean per-token NLL); ``counts`` get its f evaluations."""
+def deq_transformer(root: str, kwargs: dict[str, Any], f_thres: int, counts: dict[str, int],
+                    f_solver: str = "anderson", eps: float | None = None) -> tuple[nn.Module, Callable]:
+    """locuslab/deq's DEQ-Transformer (``DEQ-Sequence``) from the original's keyword arguments, ``f_solver``
+    forward (Anderson as in ``wt103_deq_transformer.sh``, or Broyden) and Broyden backward, both at ``f_thres``,
+    and ``loss(data, target, mems, train_step)`` (the mean per-token NLL); ``counts`` get its f evaluations.
+    ``eps``: both solvers' relative tolerance (default their own, 1e-3: the model passes none)."""
     patch_runtime()
     sys.path[:0] = [f"{root}/DEQ-Sequence", root]
     os.chdir(Path(root) / "DEQ-Sequence")
     from lib.solvers import anderson, broyden  # noqa: E402  (locuslab/deq's lib/, not ours)
     from models.deq_transformer import DEQTransformerLM  # noqa: E402
 
-    model = DEQTransformerLM(**kwargs, f_solver=counting(anderson, counts, lambda kw: "fwd"),
-                             b_solver=counting(broyden, counts, lambda kw: "bwd"), logging=lambda *args: None)
+    tol = {} if eps is None else {"eps": eps}
+    forward = functools.partial({"anderson": anderson, "broyden": broyden}[f_solver], **tol)
+    model = DEQTransformerLM(**kwargs, f_solver=counting(forward, counts, lambda kw: "fwd"),
+                             b_solver=counting(functools.partial(broyden, **tol), counts, lambda kw: "bwd"),
+                             logging=lambda *args: None)
 
     def loss(data, target, mems, train_step):
         out = model(data, target, list(mems), train_step=train_step, f_thres=f_thres, b_thres=f_thres,

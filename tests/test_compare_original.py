@@ -50,10 +50,13 @@ def test_the_batch_is_the_same_in_every_process():
     assert (y1[:, :, :16] == 255).all() and (y1[:, :, 16:] < 19).all()
 
 
-def fake_child(check: dict, timed: list[str]):
+def fake_child(check: dict, timed: list[str], converged_grad: float = 1e-10):
     def run(which: str, f_thres: int) -> dict:
         if which == "check":
             return check
+        if which == "converged":
+            return {"ours": 3.0, "original": 3.0, "loss": 0.0, "grad": converged_grad,
+                    "residuals": {"ours_fwd": 1e-11, "original_fwd": 1e-11}}
         timed.append(which)
         return {"train_s": {"original": 2.0}.get(which, 1.0), "warmup_s": 0.0, "loss": 3.0, "evals": [11, 11],
                 "params": 10}
@@ -80,6 +83,22 @@ def test_equal_losses_time_the_original_then_each_variant():
     rows = compare_tasks.compare(args, fake_child(checked(deq_loss=5e-5), timed))
     assert timed == ["original", "ours", "floor"]
     assert [(r["variant"], r["train_ratio"]) for r in rows] == [("original", 1.0), ("ours", 0.5), ("floor", 0.5)]
+
+
+def test_unequal_converged_gradients_stop_the_lm_comparison_before_any_timing():
+    args = compare_original.argparse.Namespace(task="lm", f_thres=[10], batch=8, variants=["ours"])
+    timed = []
+    with pytest.raises(SystemExit, match="converged DEQ-path cell gradients differ by 1.0e-03"):
+        compare_tasks.compare(args, fake_child(checked(), timed, converged_grad=1e-3))
+    assert timed == []
+
+
+def test_the_converged_check_configures_our_side_to_converge():
+    """Broyden forward and both tolerances at ``CONVERGED["eps"]``, after the base overrides' zeros."""
+    eps = compare_tasks.CONVERGED["eps"]
+    cfg = compare_tasks.ours_config("lm", 5, "ours", SHAPE,
+                                    ["DEQ.F_SOLVER", "broyden", "DEQ.F_EPS", str(eps), "DEQ.B_EPS", str(eps)])
+    assert (cfg.DEQ.F_SOLVER, cfg.DEQ.F_EPS, cfg.DEQ.B_EPS) == ("broyden", eps, eps)
 
 
 @pytest.mark.parametrize("argv, message", [
