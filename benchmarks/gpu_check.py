@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 CUDA_ONLY = {"syncbn/seg", "dist/nccl/1", "dist/nccl/2", "dali/mixed_vs_cpu/jpeg", "dali/mixed_vs_cpu/rec"}
 # compare_original.py's settings: its defaults on CUDA; on the CPU a short budget, no compile (cold: 15-30 s each).
 TIMING = {"cuda": ["--f-thres", "10", "22", "30", "--batch", "32", "--steps", "3"],
-          "cpu": ["--f-thres", "4", "--batch", "8", "--steps", "1", "--variants", "ours", "ours_nhwc"]}
+          "cpu": ["--f-thres", "4", "--batch", "8", "--steps", "1", "--variants", "ours", "ours_nchw"]}
 
 
 def timing_rows(device: torch.device, originals: list[str], out: Path) -> tuple[list[dict], str]:

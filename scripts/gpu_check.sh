@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU acceptance run (benchmarks/gpu_check.py): AMP float16/bfloat16 training steps of the cls, seg and lm models
-# for DEQ.GRAD ift, phantom and unrolled against fp32, channels-last and the compiled cell against the default, a
+# for DEQ.GRAD ift, phantom and unrolled against fp32, channels-last and the compiled cell against NCHW eager, a
 # SyncBatchNorm seg step, NCCL process groups, DALI's GPU decoder against its CPU decoder, then the train/eval step
 # timings (beside the originals when their checkouts are given). No data download; a few minutes on one GPU.
 # Without CUDA it runs the CPU paths in about two minutes and reports the CUDA-only checks n/a.

@@ -28,7 +28,7 @@ def test_cpu_mode_passes_every_cpu_check_and_says_why_cuda_ones_did_not_run(tmp_
     expected = {f"amp/{t}/{m}/{d}" for t in ("cls", "seg", "lm") for m in MODES for d in DTYPES}
     expected |= {"channels_last/cls", "channels_last/seg", "compile/cls", "compile/seg", "compile/lm", "syncbn/seg",
                  "dist/gloo/1", "dist/gloo/2", "dist/nccl/1", "dist/nccl/2", "dali/mixed_vs_cpu/jpeg",
-                 "dali/mixed_vs_cpu/rec", "dali/cpu/rec_vs_jpeg", "timing/ours/t4", "timing/ours_nhwc/t4",
+                 "dali/mixed_vs_cpu/rec", "dali/cpu/rec_vs_jpeg", "timing/ours/t4", "timing/ours_nchw/t4",
                  "timing/originals"}
     assert expected <= set(rows), expected - set(rows)
     assert not [r for r in rows.values() if r["status"] == "fail"]
@@ -38,6 +38,6 @@ def test_cpu_mode_passes_every_cpu_check_and_says_why_cuda_ones_did_not_run(tmp_
     for name in expected - not_run:  # every measured value within its tolerance
         if isinstance(rows[name]["tolerance"], float):
             assert rows[name]["value"] <= rows[name]["tolerance"], name
-    assert all(rows[f"timing/{v}/t4"]["value"]["train_s"] > 0 for v in ("ours", "ours_nhwc"))
+    assert all(rows[f"timing/{v}/t4"]["value"]["train_s"] > 0 for v in ("ours", "ours_nchw"))
     assert result["device"] == "cpu" and {"check", "device", "status", "value", "tolerance"} <= set(rows["dist/gloo/2"])
     assert "amp/cls/ift/float16" in proc.stdout and "pass" in proc.stdout  # the table
