@@ -86,10 +86,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # --devic
 
 
 def build_ours(f_thres: int, variant: str = "ours"):
-    from deqlab.config import load_config
     from deqlab.engine.evaluator import autocast_context
     from deqlab.models import build_model
-    from deqlab.solvers import budget_for_evals, max_evals
     from deqlab.utils.cpu_allocator import configure_cpu_allocator
 
     if variant in PHANTOM_VARIANTS:
@@ -98,11 +96,9 @@ def build_ours(f_thres: int, variant: str = "ours"):
         config, overrides = CONFIG, ["DEQ.F_SOLVER", "broyden", "DEQ.B_SOLVER", "broyden", "DEQ.GRAD", "ift",
                                      "DEQ.B_EPS", "0.0", *VARIANTS[variant]]
     overrides = ["DEQ.F_EPS", "0.0", "TRAIN.PRETRAIN_STEPS", "0", "MODEL.DROPOUT", "0.0", *overrides]
-    solvers = load_config(REPO / config, overrides).DEQ
-    evals = max_evals("broyden", f_thres)  # what the originals spend each way at F_THRES = B_THRES = t
-    f_thres = budget_for_evals(solvers.F_SOLVER, evals)
-    cfg = load_config(REPO / config, [*overrides, "DEQ.F_THRES", str(f_thres),
-                                      "DEQ.B_THRES", str(budget_for_evals(solvers.B_SOLVER, evals))])
+    # what the originals' Broyden spends each way at F_THRES = B_THRES = t
+    cfg = compare_tasks.at_original_budget(config, overrides, f_thres, ("broyden", "broyden"))
+    f_thres = cfg.DEQ.F_THRES
     configure_cpu_allocator(cfg.CPU_ALLOCATOR)
     torch.manual_seed(0)
     model = build_model(cfg)

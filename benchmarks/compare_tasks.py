@@ -68,23 +68,28 @@ class Built:
     evals: Callable[[], tuple[int, int]]
 
 
-def ours_config(task: str, f_thres: int, variant: str, shape: dict[str, Any], extra: Sequence[str] = ()) -> Any:
-    """Our config for ``task`` at the original's threshold ``f_thres``: each side spends the evaluations the
-    original spends there (``deqlab.solvers.budget_for_evals``), tolerance 0 so it never stops before;
-    ``extra`` overrides come last."""
+def at_original_budget(config: str, overrides: Sequence[str], f_thres: int, original_solvers: Sequence[str]) -> Any:
+    """Our ``config`` with ``overrides``, its F_THRES / B_THRES set so that each solve spends the f evaluations the
+    original's (forward, backward) solvers spend at threshold ``f_thres`` (``deqlab.solvers.budget_for_evals``)."""
     from deqlab.config import load_config
     from deqlab.solvers import budget_for_evals, max_evals
 
+    solvers = load_config(REPO / config, overrides).DEQ
+    f_evals, b_evals = (max_evals(name, f_thres) for name in original_solvers)
+    return load_config(REPO / config, [*overrides, "DEQ.F_THRES", str(budget_for_evals(solvers.F_SOLVER, f_evals)),
+                                       "DEQ.B_THRES", str(budget_for_evals(solvers.B_SOLVER, b_evals))])
+
+
+def ours_config(task: str, f_thres: int, variant: str, shape: dict[str, Any], extra: Sequence[str] = ()) -> Any:
+    """Our config for ``task`` at the original's threshold ``f_thres`` (:func:`at_original_budget`), tolerance 0
+    so it never stops before; ``extra`` overrides come last."""
     overrides = ["DEQ.F_EPS", "0.0", "DEQ.B_EPS", "0.0", "MODEL.DROPOUT", "0.0", "TRAIN.PRETRAIN_STEPS", "1",
                  *VARIANTS[task][variant], *extra]
     if task == "seg":
         overrides += ["TRAIN.IMAGE_SIZE", str(shape["crop"]), "TEST.IMAGE_SIZE", str(shape["crop"])]
     else:
         overrides += ["LM.TGT_LEN", str(shape["tgt_len"]), "LM.MEM_LEN", str(shape["tgt_len"])]
-    solvers = load_config(REPO / CONFIGS[task], overrides).DEQ
-    f_evals, b_evals = (max_evals(name, f_thres) for name in SOLVERS[task])
-    return load_config(REPO / CONFIGS[task], [*overrides, "DEQ.F_THRES", str(budget_for_evals(solvers.F_SOLVER, f_evals)),
-                                             "DEQ.B_THRES", str(budget_for_evals(solvers.B_SOLVER, b_evals))])
+    return at_original_budget(CONFIGS[task], overrides, f_thres, SOLVERS[task])
 
 
 def lm_kwargs(cfg: Any) -> dict[str, Any]:

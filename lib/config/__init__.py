@@ -58,7 +58,7 @@ def _decode(text: str) -> Any:
 
 def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
     """``value`` converted to the type of ``default``, or a ConfigError saying what was expected."""
-    if default == "auto":  # an "auto" switch may also be set on or off; its rule says whether it can be
+    if default == "auto":  # an "auto" key may also take True/False; its rule says which values it allows
         decoded = _decode(value) if isinstance(value, str) else value
         if isinstance(decoded, bool):
             return decoded

@@ -144,21 +144,25 @@ class Trainer:
                 "rng": gather_from_all(self.rng_state()),  # every rank's, indexed by rank
                 "config": self.cfg.dump(), "version": 1}
 
+    @property
+    def resume_label(self) -> str:
+        """How errors about the resume file name the setting that chose it."""
+        return "TRAIN.RESUME_FILE" if self.cfg.TRAIN.RESUME_FILE else "TRAIN.RESUME: checkpoint"
+
     def resume_file_on_every_rank(self) -> bool:
         """Whether every rank sees the resume checkpoint (collective). Refused on every rank, in one line, when only
         some do (nodes that do not share a disk): those would start from scratch and the others resume."""
         found = gather_from_all(self.resume_from.is_file())
         if any(found) and not all(found):
-            label = "TRAIN.RESUME_FILE" if self.cfg.TRAIN.RESUME_FILE else "TRAIN.RESUME: checkpoint"
             lacking = ", ".join(str(rank) for rank, ok in enumerate(found) if not ok)
-            raise CheckpointError(f"{label} {self.resume_from} is missing on rank(s) {lacking} of {len(found)}: "
+            raise CheckpointError(f"{self.resume_label} {self.resume_from} is missing on rank(s) {lacking} of {len(found)}: "
                                   f"copy it to the same path on every node (or share OUTPUT_DIR) to resume")
         return all(found)
 
     def resume(self, path: Path) -> None:
         """Continue the training state at ``path``; refused in one line, before anything is written, unless it
         is a finite resume checkpoint of this model (not a weights-only file, not another task's or config's)."""
-        label = "TRAIN.RESUME_FILE" if self.cfg.TRAIN.RESUME_FILE else "TRAIN.RESUME: checkpoint"
+        label = self.resume_label
         state = load_checkpoint(path, map_location=self.device)
         missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
         if missing:

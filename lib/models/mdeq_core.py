@@ -44,9 +44,9 @@ from torch import Tensor, nn
 
 from deqlab.errors import ConfigError
 from deqlab.factory import get_deq
-from deqlab.utils.dist import pick_device
 from deqlab.layers import (CellRunner, NormalisedWeightMixin, NormOptions, VariationalDropout2d, conv3x3, norm_conv2d,
                            reset_per_forward)
+from deqlab.utils.dist import pick_device
 
 BN_MOMENTUM = 0.1
 
