@@ -3,7 +3,6 @@ segmentation step."""
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch
@@ -12,12 +11,7 @@ import torch.multiprocessing as mp
 
 from gpu_check_common import compared, flat_grads, rel_diff, row
 from gpu_check_steps import SAME_TOL, build, fp32_grads
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from deqlab.utils.dist import free_port
 
 
 def _rank(rank: int, world: int, device: str, port: int) -> None:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from deqlab.config import load_config
 from deqlab.models import build_model
+from deqlab.utils.dist import free_port
 from deqlab.utils.sweep import group_sweep, method_labels, read_rows
 
 from conftest import REPO
@@ -112,7 +113,7 @@ def test_plot_sweep_draws_cls_and_seg_csvs_and_rejects_other_csvs(tmp_path):
 def test_the_deprecated_launcher_passes_local_rank_and_works(tiny_run):
     path, overrides, tmp = tiny_run
     proc = run([sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node", "2", "--master_port",
-                "29517", str(REPO / "tools/cls_train.py"), "--cfg", str(path), *overrides, "TRAIN.END_EPOCH", "1"],
+                str(free_port()), str(REPO / "tools/cls_train.py"), "--cfg", str(path), *overrides, "TRAIN.END_EPOCH", "1"],
                tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp / OUT / "final_state.pth").is_file()

@@ -4,7 +4,6 @@ one process trains on the same global batches, and refuse to resume from a check
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 
@@ -14,16 +13,11 @@ import torch
 from conftest import REPO, ddp_reference, needs_compat
 from deqlab.checkpoint import load_checkpoint
 from deqlab.config import load_config
+from deqlab.utils.dist import free_port
 from test_lm_engine import CFG as LM_CFG, LM_DDP, assert_trained_like, lm_reference, lm_run  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(600)
 CLS_CFG = REPO / "experiments/fashion_mnist/cls_mdeq_quickstart.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
 
 
 def two_nodes(tool, cfg, overrides, tmp, timeout=300):

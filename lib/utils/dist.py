@@ -7,6 +7,7 @@ NCCL on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -32,6 +33,13 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``: a rendezvous endpoint for local launches and tests."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
